@@ -1,0 +1,257 @@
+"""Sample quality for 8x8 digits: a small classifier's features and the Frechet distance.
+
+The Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update
+Rule Converge to a Local Nash Equilibrium", NeurIPS, eq. (6)) fits a Gaussian to the features
+of real and of generated images and reports the Frechet (2-Wasserstein) distance between the
+two Gaussians:
+
+    d^2 = ||mu_1 - mu_2||^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}).
+
+Inception features make no sense for 8x8 images, so this module trains a small MLP on the
+scikit-learn digits (deterministically, in about a second, once per process) and uses its
+penultimate layer. A nearest-neighbour check completes the picture: a low distance is no
+credit if the samples are copies of training images.
+Book: chapter 5 (:ref:`sec-ncsn-digits`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "digits_split",
+    "DigitClassifier",
+    "digit_classifier",
+    "digit_features",
+    "classify_digits",
+    "frechet_distance",
+    "gaussian_stats",
+    "digits_frechet_distance",
+    "nearest_neighbour_distances",
+]
+
+FEATURE_DIM = 64
+"""Width ``k`` of the penultimate layer, i.e. of :func:`digit_features`."""
+
+
+def _sklearn_digits() -> Tuple[Tensor, Tensor]:
+    # Same scaling as minisgm.data.load_digits: 17 grey levels 0..16 mapped to [0, 1].
+    # The data ship with scikit-learn, so nothing is downloaded.
+    from sklearn.datasets import load_digits as _load
+
+    d = _load()
+    images = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    labels = torch.as_tensor(d.target, dtype=torch.long)
+    return images, labels
+
+
+def digits_split(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """A fixed random split of the 1797 scikit-learn digits into train and test indices.
+
+    Args:
+        test_fraction: share of the images held out, in ``(0, 1)``.
+        seed: seed of the permutation.
+
+    Returns:
+        ``(train_idx [N_train], test_idx [N_test])``, long tensors. The default split is the
+        one :func:`digit_classifier` is trained on (it never sees ``test_idx``).
+    """
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    n = 1797
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * float(test_fraction)))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
+
+
+class DigitClassifier(nn.Module):
+    """MLP ``64 -> 256 -> 64 -> 10`` with ReLU; :meth:`features` is the 64-wide penultimate layer."""
+
+    def __init__(self, hidden: int = 256, feature_dim: int = FEATURE_DIM):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU()
+        )
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate activations ``[N, k]`` of images ``[N, 1, 8, 8]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``[N, 10]``."""
+        return self.head(self.body(x))
+
+
+def _train_classifier(seed: int = 0, n_steps: int = 300) -> DigitClassifier:
+    images, labels = _sklearn_digits()
+    train_idx, _ = digits_split()
+    x, y = images[train_idx], labels[train_idx]
+    # Initialise under a private generator so the caller's global RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(n_steps):
+        # Full-batch steps: no data order to seed, so the run is deterministic and fast.
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # the first call may come from inside a caller's no_grad block
+def digit_classifier(seed: int = 0) -> DigitClassifier:
+    """The feature network: trained once per process on ``digits_split()[0]`` (a second or two).
+
+    Training is full batch with a fixed seed, so repeated calls (and processes) on one machine
+    give the same weights. The returned model lives on the CPU in float32 and is frozen.
+    """
+    return _train_classifier(seed)
+
+
+def _check_images(name: str, x) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dim() == 2 and x.shape[1] == 64:
+        x = x.reshape(-1, 1, 8, 8)
+    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"{name} must have shape [N, 1, 8, 8] (or [N, 64]), got {list(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return x
+
+
+@torch.no_grad()
+def digit_features(images: Tensor) -> Tensor:
+    """Penultimate-layer features ``[N, k]`` (``k = 64``) of digit images ``[N, 1, 8, 8]``.
+
+    Images are expected on the scale of :func:`minisgm.data.load_digits` (``[0, 1]``). The
+    result has the images' device and floating dtype (float32 for integer input).
+    """
+    x = _check_images("images", images)
+    out_dtype = x.dtype if x.is_floating_point() else torch.float32
+    f = digit_classifier().features(x.detach().to("cpu", torch.float32))
+    return f.to(device=x.device, dtype=out_dtype)
+
+
+@torch.no_grad()
+def classify_digits(images: Tensor) -> Tensor:
+    """Predicted labels ``[N]`` (long) of digit images ``[N, 1, 8, 8]``."""
+    x = _check_images("images", images)
+    return digit_classifier()(x.detach().to("cpu", torch.float32)).argmax(1).to(x.device)
+
+
+def gaussian_stats(features) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean ``[k]`` and unbiased covariance ``[k, k]`` of features ``[N, k]``, in float64."""
+    f = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must have shape [N, k] with N >= 2, got {list(f.shape)}")
+    f = f.astype(np.float64)
+    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _psd_sqrt(c: np.ndarray) -> np.ndarray:
+    # Symmetric square root by eigen-decomposition; round-off can leave tiny negative
+    # eigenvalues in a PSD matrix, which are clipped to 0 rather than turned into NaNs.
+    w, v = np.linalg.eigh(0.5 * (c + c.T))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """Squared Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``.
+
+        d^2 = ||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^{1/2} C2 C1^{1/2})^{1/2})
+
+    ``tr((C1 C2)^{1/2})`` is computed as the trace of the square root of the *symmetric* PSD
+    matrix ``C1^{1/2} C2 C1^{1/2}`` (same eigenvalues as ``C1 C2``), in float64, so singular or
+    nearly singular covariances are fine. Heusel et al. (2017) eq. (6); Dowson & Landau (1982).
+
+    Args:
+        mu1, mu2: means ``[k]``.
+        cov1, cov2: covariances ``[k, k]`` (symmetric positive semi-definite).
+
+    Returns:
+        The squared distance, a Python float ``>= 0``.
+    """
+    arrs = []
+    for name, a in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains non-finite values")
+        arrs.append(a.astype(np.float64))
+    mu1, cov1, mu2, cov2 = arrs
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise ValueError(f"mu1 and mu2 must both have shape [k], got {list(mu1.shape)} and {list(mu2.shape)}")
+    k = mu1.shape[0]
+    for name, c in (("cov1", cov1), ("cov2", cov2)):
+        if c.shape != (k, k):
+            raise ValueError(f"{name} must have shape [k, k]=[{k}, {k}], got {list(c.shape)}")
+    s1 = _psd_sqrt(cov1)
+    m = s1 @ cov2 @ s1
+    eig = np.linalg.eigvalsh(0.5 * (m + m.T))
+    tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    d2 = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
+    # Round-off can push a true zero slightly negative.
+    return max(d2, 0.0)
+
+
+def digits_frechet_distance(x: Tensor, y: Tensor) -> float:
+    """Frechet distance between two sets of digit images in :func:`digit_features` space.
+
+    Args:
+        x: images ``[N, 1, 8, 8]`` (e.g. samples), scale ``[0, 1]``.
+        y: images ``[M, 1, 8, 8]`` (e.g. held-out real digits).
+
+    Returns:
+        ``frechet_distance`` of the Gaussians fitted to the two feature sets (a float). Like FID
+        it is biased upwards for small sets: compare only numbers computed with equal ``N``.
+    """
+    return frechet_distance(*gaussian_stats(digit_features(x)), *gaussian_stats(digit_features(y)))
+
+
+@torch.no_grad()
+def nearest_neighbour_distances(samples: Tensor, train: Tensor, chunk_size: int = 1024) -> Tuple[Tensor, Tensor]:
+    """Euclidean distance from each sample to its nearest training image, and that image's index.
+
+    Args:
+        samples: ``[N, ...]`` (e.g. ``[N, 1, 8, 8]``).
+        train: ``[M, ...]`` with the same per-item shape.
+        chunk_size: samples per block of the distance matrix (bounds memory at ``chunk * M``).
+
+    Returns:
+        ``(distances [N], indices [M-valued, N])`` on the samples' device, distances in the
+        samples' floating dtype. A sample that copies a training image has distance 0.
+    """
+    for name, a in (("samples", samples), ("train", train)):
+        if not torch.is_tensor(a):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
+        if a.dim() < 2 or a.shape[0] == 0:
+            raise ValueError(f"{name} must have shape [N, ...] with N >= 1, got {list(a.shape)}")
+    if samples.shape[1:] != train.shape[1:]:
+        raise ValueError(f"samples and train items differ in shape: {list(samples.shape[1:])} vs {list(train.shape[1:])}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    dtype = samples.dtype if samples.is_floating_point() else torch.float32
+    a = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    b = train.reshape(train.shape[0], -1).to(device=a.device, dtype=torch.float64)
+    dists, idx = [], []
+    for i in range(0, a.shape[0], chunk_size):
+        # Direct differences (not the |a|^2 + |b|^2 - 2ab expansion) so an exact copy gives 0.
+        d = torch.cdist(a[i : i + chunk_size], b, compute_mode="donot_use_mm_for_euclid_dist")
+        v, j = d.min(dim=1)
+        dists.append(v)
+        idx.append(j)
+    return torch.cat(dists).to(dtype), torch.cat(idx)
