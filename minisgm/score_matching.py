@@ -12,7 +12,8 @@ measure an estimator's variance). Book: chapter 3 (:ref:`sec-score-matching`).
 Score models here are callables. The unconditional ones of chapter 3 are ``score(x) -> like
 x``; the noise-conditional one of NCSN is ``score(x, sigma[B])`` and the continuous-time
 one is ``score(x, t[B])``. An energy model fits the same mould through
-:func:`score_from_energy` (``score = -grad_x E``, differentiable, so it can be trained).
+:func:`minisgm.ebm.energy_score_fn` (``score = -grad_x E``, differentiable, so it can be
+trained; ISM and SSM differentiate it once more).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from torch import Tensor
 from .sde import SDE, expand
 
 __all__ = [
-    "score_from_energy",
     "esm_loss",
     "ism_loss",
     "ssm_loss",
@@ -86,31 +86,6 @@ def _randn(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
     """Standard normal noise on ``like``'s device/dtype, drawn on the generator's device."""
     dev = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
-
-
-# ----- energy models ----------------------------------------------------------------------
-def score_from_energy(energy_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Turn an energy ``E(x, *args) -> [B]`` into the score ``s(x, *args) = -grad_x E(x, *args)``.
-
-    ``p(x) = exp(-E(x)) / Z`` so ``grad_x log p = -grad_x E``; the partition function ``Z``
-    drops out, which is why score matching can train energy models (Hyvarinen 2005, sec. 2).
-    The gradient is taken with ``create_graph=True`` whenever autograd is recording, so a
-    score-matching loss of the returned score back-propagates into the energy's parameters
-    (and ISM/SSM can differentiate it once more). Under ``torch.no_grad()`` (sampling) the
-    score is computed without a graph and returned detached. Book: :ref:`sec-ebm-score`.
-    """
-
-    def score_fn(x: Tensor, *args, **kwargs) -> Tensor:
-        train = torch.is_grad_enabled()
-        with torch.enable_grad():
-            xg = x if x.requires_grad else x.detach().requires_grad_(True)
-            energy = energy_fn(xg, *args, **kwargs)
-            if energy.shape != (x.shape[0],):
-                raise ValueError(f"energy_fn must return shape [B]=[{x.shape[0]}], got {list(energy.shape)}")
-            (grad,) = torch.autograd.grad(energy.sum(), xg, create_graph=train)
-        return -grad if train else -grad.detach()
-
-    return score_fn
 
 
 # ----- chapter 3: unconditional score matching --------------------------------------------

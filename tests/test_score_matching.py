@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
+from minisgm.ebm import energy_score_fn
 from minisgm.data import GaussianMixture, exact_score_fn
 from minisgm.score_matching import (
     dsm_loss,
     esm_loss,
     ism_loss,
     ncsn_loss,
-    score_from_energy,
     sde_loss,
     ssm_loss,
 )
@@ -225,7 +225,7 @@ def test_energy_model_score_matching():
     P = (-A).clone().requires_grad_(True)
     m = x.mean(0)
     energy = lambda y: 0.5 * ((y - m) @ P * (y - m)).sum(1)
-    score = score_from_energy(energy)
+    score = energy_score_fn(energy)
     assert torch.allclose(score(x), x @ A.T + b, atol=1e-10)
     loss = ism_loss(score, x)
     (gP,) = torch.autograd.grad(loss, P)
