@@ -8,7 +8,13 @@ Book: chapter 2 (:ref:`sec-gmm-score`) and chapter 6 (:ref:`sec-exact-scores`).
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import pickle
+import tarfile
+import zlib
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -244,3 +250,442 @@ def exact_log_prob_fn(gmm: GaussianMixture, sde: SDE) -> Callable[[Tensor, Tenso
 
 
 __all__ += ["exact_log_prob_fn"]
+
+
+# =========================================================================================
+# 2-D toy distributions (chapters 3-6 figures). Book: :ref:`sec-toy-data`.
+#
+# Every sampler has the signature ``f(n, generator=None, device=None, dtype=torch.float32,
+# **shape_params) -> [n, 2]`` and is standardised to a common scale: centred at (about) the
+# origin and divided by one common factor (the shape is not distorted) so that the average
+# per-coordinate variance is about 1 (exactly 1 where the constant has a closed form, plus
+# the small ``noise``). This matches the data scale that the SDE defaults assume (VP prior
+# N(0, I); VE sigma_max = 50 >> the largest pairwise distance, NCSNv2 technique 1).
+# Randomness is drawn in float64 on the generator's device, then cast, so a seeded generator
+# gives the same points in every dtype.
+# =========================================================================================
+
+
+def _check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return n
+
+
+def _check_nonneg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _rand_device(generator: Optional[torch.Generator]) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _finish(x: Tensor, device, dtype: torch.dtype) -> Tensor:
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    return x.to(device=device if device is not None else x.device, dtype=dtype)
+
+
+def _add_noise(x: Tensor, noise: float, generator: Optional[torch.Generator]) -> Tensor:
+    if noise == 0:
+        return x
+    return x + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def two_moons(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: float = 0.05,
+) -> Tensor:
+    """Two interleaved half circles, ``[n, 2]``.
+
+    Upper moon ``(cos a, sin a)``, lower moon ``(1 - cos a, 1/2 - sin a)``, ``a ~ U[0, pi]``,
+    each with probability 1/2 (the shape of scikit-learn's ``make_moons``). Centred at the
+    exact mean ``(1/2, 1/4)`` and divided by the exact RMS standard deviation
+    ``sqrt((Var x + Var y) / 2)`` (about 0.705; both variances in closed form below), then
+    Gaussian ``noise`` (in the standardised units) is added.
+    """
+    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    dev = _rand_device(generator)
+    a = math.pi * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    lower = torch.rand(n, generator=generator, device=dev, dtype=torch.float64) < 0.5
+    x = torch.where(lower, 1 - torch.cos(a), torch.cos(a))
+    y = torch.where(lower, 0.5 - torch.sin(a), torch.sin(a))
+    # Exact moments: Var x = 1/2 + 1/4; Var y = (1/2 - 4/pi^2) + (2/pi - 1/4)^2.
+    var_x = 0.75
+    var_y = 0.5 - 4 / math.pi**2 + (2 / math.pi - 0.25) ** 2
+    scale = math.sqrt((var_x + var_y) / 2)
+    out = torch.stack([(x - 0.5) / scale, (y - 0.25) / scale], dim=1)
+    return _finish(_add_noise(out, noise, generator), device, dtype)
+
+
+def swiss_roll(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: float = 0.05,
+) -> Tensor:
+    """The 2-D Swiss roll ``(a cos a, a sin a)``, ``a ~ U[3 pi / 2, 9 pi / 2]``, ``[n, 2]``.
+
+    Centred at the exact mean ``E[(a cos a, a sin a)]`` and divided by the exact RMS standard
+    deviation ``sqrt((E a^2 - |mean|^2) / 2)`` (about 6.79), then ``noise`` is added.
+    """
+    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    lo, hi = 1.5 * math.pi, 4.5 * math.pi
+    length = hi - lo
+    # Antiderivatives: int a cos a = a sin a + cos a, int a sin a = sin a - a cos a.
+    mx = ((hi * math.sin(hi) + math.cos(hi)) - (lo * math.sin(lo) + math.cos(lo))) / length
+    my = ((math.sin(hi) - hi * math.cos(hi)) - (math.sin(lo) - lo * math.cos(lo))) / length
+    ea2 = (hi**3 - lo**3) / (3 * length)
+    scale = math.sqrt((ea2 - mx * mx - my * my) / 2)
+    a = lo + length * torch.rand(n, generator=generator, device=_rand_device(generator), dtype=torch.float64)
+    out = torch.stack([(a * torch.cos(a) - mx) / scale, (a * torch.sin(a) - my) / scale], dim=1)
+    return _finish(_add_noise(out, noise, generator), device, dtype)
+
+
+def checkerboard(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    n_squares: int = 4,
+) -> Tensor:
+    """Uniform density on the dark squares of an ``n_squares x n_squares`` board, ``[n, 2]``.
+
+    The board is ``[-sqrt(3), sqrt(3)]^2`` and square ``(i, j)`` is dark when ``i + j`` is
+    even. For even ``n_squares`` every row and column is half dark, so each coordinate is
+    exactly uniform on ``[-sqrt(3), sqrt(3)]``: mean 0, variance 1. The density has jumps, so
+    its score is a sum of Dirac walls: a hard case for score estimation.
+    """
+    n = _check_n(n)
+    k = _check_count("n_squares", n_squares, minimum=2)
+    if k % 2:
+        raise ValueError(f"n_squares must be even (so each coordinate is uniform), got {k}")
+    dev = _rand_device(generator)
+    # Pick a row i uniformly, then one of the k/2 dark columns of that row: j = 2m + (i mod 2).
+    i = torch.randint(0, k, (n,), generator=generator, device=dev)
+    j = 2 * torch.randint(0, k // 2, (n,), generator=generator, device=dev) + (i % 2)
+    u = torch.rand(n, 2, generator=generator, device=dev, dtype=torch.float64)
+    cell = torch.stack([i, j], dim=1).to(torch.float64)
+    half = math.sqrt(3.0)
+    out = -half + (cell + u) * (2 * half / k)
+    return _finish(out, device, dtype)
+
+
+def rings(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    n_rings: int = 4,
+    noise: float = 0.04,
+) -> Tensor:
+    """Concentric circles of radii ``r_i = i R / n_rings``, ``i = 1..n_rings``, ``[n, 2]``.
+
+    Points are uniform along the total arc length (ring ``i`` has probability proportional to
+    ``r_i``). ``R`` is chosen so that ``E[r^2] / 2 = 1``: each coordinate has mean 0 and
+    variance exactly 1 before the ``noise`` is added.
+    """
+    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    k = _check_count("n_rings", n_rings)
+    dev = _rand_device(generator)
+    unit = torch.arange(1, k + 1, dtype=torch.float64, device=dev) / k  # radii for R = 1
+    weights = unit / unit.sum()
+    # E[r^2] = R^2 sum_i w_i u_i^2 = 2  =>  R = sqrt(2 / sum_i w_i u_i^2).
+    radius = math.sqrt(2.0 / float((weights * unit**2).sum()))
+    # Inverse-CDF draw (torch.multinomial rejects n = 0).
+    u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    ring = torch.searchsorted(weights.cumsum(0), u, right=True).clamp_(max=k - 1)
+    a = 2 * math.pi * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    r = radius * unit[ring]
+    out = torch.stack([r * torch.cos(a), r * torch.sin(a)], dim=1)
+    return _finish(_add_noise(out, noise, generator), device, dtype)
+
+
+def spirals(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    n_arms: int = 2,
+    turns: float = 1.5,
+    noise: float = 0.05,
+) -> Tensor:
+    """``n_arms`` interleaved Archimedean spirals, ``[n, 2]``.
+
+    Arm ``k`` (chosen uniformly) is ``r (cos(a + 2 pi k / n_arms), sin(a + 2 pi k / n_arms))``
+    with ``r = 2 sqrt(u)``, ``a = 2 pi turns sqrt(u)``, ``u ~ U[0, 1]`` (the density of ``r`` grows
+    like ``r``, as does the arc length, so points are roughly uniform along the arm). Then
+    ``E|x|^2 = 4 E[u] = 2``. For ``n_arms >= 2`` the law is symmetric under rotation by
+    ``2 pi / n_arms``, so the mean is exactly 0 and the average per-coordinate variance exactly
+    1 (before ``noise``); a single arm is off-centre.
+    """
+    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    k = _check_count("n_arms", n_arms)
+    if isinstance(turns, bool) or not isinstance(turns, (int, float)) or not turns > 0 or not math.isfinite(turns):
+        raise ValueError(f"turns must be a positive finite number, got {turns!r}")
+    dev = _rand_device(generator)
+    u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
+    arm = torch.randint(0, k, (n,), generator=generator, device=dev).to(torch.float64)
+    r = 2 * u.sqrt()
+    a = 2 * math.pi * turns * u.sqrt() + 2 * math.pi * arm / k
+    out = torch.stack([r * torch.cos(a), r * torch.sin(a)], dim=1)
+    return _finish(_add_noise(out, noise, generator), device, dtype)
+
+
+def eight_gaussians_mixture(radius: float = math.sqrt(2.0), std: float = 0.1) -> GaussianMixture:
+    """Eight equally weighted isotropic Gaussians at angles ``2 pi k / 8`` on a circle.
+
+    Each coordinate has mean 0 and variance ``radius^2 / 2 + std^2`` (1.01 by default), and
+    the mixture's score (of every noised marginal too) is exact: see :func:`exact_score_fn`.
+    """
+    radius = _check_nonneg("radius", radius)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0 or not math.isfinite(std):
+        raise ValueError(f"std must be a positive finite number, got {std!r}")
+    a = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+    means = radius * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
+    return GaussianMixture(means, stds=std)
+
+
+def eight_gaussians(
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    radius: float = math.sqrt(2.0),
+    std: float = 0.1,
+) -> Tensor:
+    """Samples ``[n, 2]`` of :func:`eight_gaussians_mixture` ``(radius, std)``."""
+    n = _check_n(n)
+    gmm = eight_gaussians_mixture(radius, std)
+    if n == 0:  # GaussianMixture.sample draws with torch.multinomial, which rejects n = 0
+        return torch.empty(0, 2, device=device if device is not None else _rand_device(generator), dtype=dtype)
+    x = gmm.sample(n, generator=generator, dtype=torch.float64)
+    return _finish(x, device, dtype)
+
+
+__all__ += ["two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture"]
+
+
+# =========================================================================================
+# scikit-learn's 8x8 handwritten digits. Book: :ref:`sec-digits`.
+# =========================================================================================
+
+
+def load_digits(return_int: bool = False, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """The 1797 8x8 handwritten digits shipped with scikit-learn (no download).
+
+    Each pixel is one of 17 grey levels ``k = 0..16`` (UCI "optdigits": counts of set pixels
+    in 4x4 blocks of a 32x32 bitmap). Returns ``(images, labels)``: images ``[1797, 1, 8, 8]``
+    of ``dtype`` with values ``k / 16`` in ``[0, 1]``, or the integer levels as ``int64`` if
+    ``return_int`` (for dequantised likelihoods, :func:`minisgm.likelihood.dequantize` with
+    17 levels); labels ``int64 [1797]`` in ``0..9``.
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("load_digits needs scikit-learn (pip install scikit-learn)") from err
+    bunch = _sk_load_digits()
+    levels = torch.as_tensor(bunch.images).round().to(torch.int64)[:, None]  # [N, 1, 8, 8]
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    if levels.min() < 0 or levels.max() > 16:  # guards against a changed upstream format
+        raise ValueError("scikit-learn digits outside the expected grey levels 0..16")
+    if return_int:
+        return levels, labels
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    return levels.to(dtype) / 16, labels
+
+
+__all__ += ["load_digits"]
+
+
+# =========================================================================================
+# CIFAR-10 (python version), read from a local copy. Book: :ref:`sec-cifar10`.
+# =========================================================================================
+
+CIFAR10_CLASSES: Tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+"""Class names of CIFAR-10 in label order (as in the archive's ``batches.meta``)."""
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST = ("test_batch",)
+
+
+def _safe_codecs_encode(text, encoding="utf-8", errors="strict"):
+    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1").
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+def _allowed_pickle_globals() -> dict:
+    import numpy as np
+
+    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's private array constructor (1.x or 2.x)
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 array constructor
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,  # the real (Python 2) archive
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,  # written by numpy >= 2
+        ("numpy.core.numeric", "_frombuffer"): frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _safe_codecs_encode,
+    }
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only plain containers and numpy arrays.
+
+    ``pickle`` can call any importable function while loading (``os.system`` included), so a
+    doctored archive could run code. The CIFAR-10 batches need only dicts, lists, bytes, str,
+    ints (built by opcodes, no import) and numpy's array reconstruction; every other global
+    is refused with :class:`pickle.UnpicklingError`.
+    """
+
+    _allowed: Optional[dict] = None
+
+    def find_class(self, module: str, name: str):
+        if _RestrictedUnpickler._allowed is None:
+            _RestrictedUnpickler._allowed = _allowed_pickle_globals()
+        try:
+            return _RestrictedUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global '{module}.{name}': only plain data and numpy arrays are allowed"
+            ) from None
+
+
+def _unpickle_batch(raw: bytes, where: str):
+    """Unpickle one CIFAR batch safely and check its fields; returns ``(data [n, 3072], labels [n])``."""
+    import numpy as np
+
+    try:
+        batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # truncated, garbled or refused pickles raise many types
+        raise ValueError(f"{where}: corrupt or refused pickle ({type(err).__name__}: {err})") from err
+    if not isinstance(batch, dict):
+        raise ValueError(f"{where}: expected a pickled dict, got {type(batch).__name__}")
+    for key in (b"data", b"labels"):
+        if key not in batch:
+            raise ValueError(f"{where}: missing key {key!r} (found keys {sorted(map(repr, batch))})")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = f"array of {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{where}: b'data' must be a uint8 array, got {kind}")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{where}: b'data' must have shape [N, 3072], got {list(data.shape)}")
+    labels = batch[b"labels"]
+    if not isinstance(labels, (list, np.ndarray)):
+        raise ValueError(f"{where}: b'labels' must be a list of ints, got {type(labels).__name__}")
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise ValueError(f"{where}: b'labels' must contain only ints")
+    labels = np.asarray(labels)
+    if labels.size and labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: b'labels' must be integers, got dtype {labels.dtype}")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{where}: {labels.size} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise ValueError(
+            f"{where}: labels must lie in 0..{len(CIFAR10_CLASSES) - 1}, got values in [{labels.min()}, {labels.max()}]"
+        )
+    return data, labels.astype(np.int64)
+
+
+def _read_cifar_members(path: Path, names: Sequence[str]):
+    """Yield ``(where, raw bytes)`` for each batch file, from a .tar.gz or a folder."""
+    if path.is_file():
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for name in names:
+                    member = f"{CIFAR10_FOLDER}/{name}"
+                    try:
+                        info = tar.getmember(member)
+                    except KeyError:
+                        raise ValueError(f"{path}: archive has no member '{member}'") from None
+                    if not info.isfile():
+                        raise ValueError(f"{path}: member '{member}' is not a regular file")
+                    yield f"{path}:{member}", tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise ValueError(f"{path}: cannot read the gzip'd tar archive (truncated or corrupt?): {err}") from err
+    else:
+        for name in names:
+            file = path / name
+            if not file.is_file():
+                raise ValueError(f"{path}: missing batch file '{name}'")
+            yield str(file), file.read_bytes()
+
+
+def _locate_cifar10(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidates = [path, path / CIFAR10_FOLDER]
+        for folder in candidates:
+            if any((folder / name).is_file() for name in _CIFAR10_TRAIN + _CIFAR10_TEST):
+                return folder
+        if (path / CIFAR10_ARCHIVE).is_file():
+            return path / CIFAR10_ARCHIVE
+        tried = f"'{path}', '{path / CIFAR10_FOLDER}' and '{path / CIFAR10_ARCHIVE}'"
+    else:
+        tried = f"'{path}'"
+    raise FileNotFoundError(
+        f"CIFAR-10 not found: looked for {tried}. minisgm never downloads data: get "
+        f"'{CIFAR10_ARCHIVE}' (the python version) from {CIFAR10_URL} and pass the path of the "
+        f".tar.gz, of the extracted '{CIFAR10_FOLDER}' folder, or of the folder containing either."
+    )
+
+
+def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, Tensor]:
+    """Load CIFAR-10 from a local copy of the python-format archive (never downloads).
+
+    ``path`` may be ``cifar-10-python.tar.gz`` itself, the extracted ``cifar-10-batches-py``
+    folder, or the folder that contains either. ``train=True`` reads ``data_batch_1..5``
+    (50000 images), else ``test_batch`` (10000). Each batch is a pickled dict whose
+    ``b"data"`` is ``uint8 [n, 3072]`` (row-major R, G, B planes of 32x32) and ``b"labels"``
+    a list of ints in ``0..9`` (names in :data:`CIFAR10_CLASSES`).
+
+    Pickles can run code while loading, so batches are read with a restricted unpickler that
+    builds only plain containers and numpy arrays and refuses anything else; still, prefer an
+    archive from the official source.
+
+    Returns:
+        ``(images uint8 [N, 3, 32, 32], labels int64 [N])``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (the message says where to get the archive).
+        ValueError: a missing member, a truncated or corrupt archive, a refused pickle, or a
+            batch with the wrong dtype, shape or labels; the message names the file.
+    """
+    import numpy as np
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    source = _locate_cifar10(Path(path).expanduser())
+    names = _CIFAR10_TRAIN if train else _CIFAR10_TEST
+    datas, labels = [], []
+    for where, raw in _read_cifar_members(source, names):
+        data, lab = _unpickle_batch(raw, where)
+        datas.append(data)
+        labels.append(lab)
+    images = np.concatenate(datas).reshape(-1, 3, 32, 32)
+    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.concatenate(labels))
+
+
+__all__ += ["CIFAR10_CLASSES", "load_cifar10"]
