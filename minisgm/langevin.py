@@ -1,0 +1,343 @@
+"""Langevin samplers driven by a score, and the NCSNv2 recipes for noise levels and step size.
+
+* :func:`langevin_sample`: unadjusted Langevin algorithm (ULA),
+  ``x <- x + eps * s(x) + sqrt(2 eps) z``. Biased for eps > 0 (book :ref:`sec-langevin`).
+* :func:`mala_sample`: Metropolis-adjusted Langevin (Roberts & Tweedie 1996), the same proposal
+  with an exact Metropolis-Hastings correction, so the target is exactly invariant.
+* :func:`annealed_langevin_sample`: Song & Ermon (2019), Algorithm 1, with the noise-conditional
+  score ``s(x, sigma)`` and the optional final denoising step of NCSNv2 (:ref:`sec-annealed`).
+* ``recommended_*``, :func:`geometric_sigmas`: Song & Ermon (2020) "Improved techniques for
+  training score-based generative models" (NCSNv2), techniques 1, 2 and 4.
+
+Step convention (all three samplers, and NCSNv2's Algorithm 1): one step is
+``x + alpha * s + sqrt(2 alpha) z``. (Song & Ermon 2019 write ``alpha/2 * s + sqrt(alpha) z``,
+i.e. their alpha is twice ours.)
+
+Return values: :func:`langevin_sample` returns ``x`` (its number of score evaluations is
+simply ``n_steps``); :func:`mala_sample` returns ``(x, acceptance_rate)``;
+:func:`annealed_langevin_sample` returns ``(x, nfe)`` like the SDE samplers.
+Randomness goes through the optional ``generator``; everything follows x0's device/dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "langevin_sample",
+    "mala_sample",
+    "annealed_langevin_sample",
+    "geometric_sigmas",
+    "recommended_sigma_max",
+    "recommended_n_levels",
+    "recommended_step_size",
+]
+
+
+# ----- helpers ----------------------------------------------------------------------------
+def _check_x0(x0: Tensor) -> Tensor:
+    if not torch.is_tensor(x0):
+        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() < 1 or not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor of shape [B, ...], got {x0.dtype} {list(x0.shape)}")
+    return x0
+
+
+def _check_step(step_size: float, name: str = "step_size") -> float:
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (0 < step_size < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got {step_size!r}")
+    return float(step_size)
+
+
+def _check_n(n: int, name: str, minimum: int = 0) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
+    return n
+
+
+def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def _check_score(s: Tensor, x: Tensor) -> Tensor:
+    if not torch.is_tensor(s) or s.shape != x.shape:
+        got = list(s.shape) if torch.is_tensor(s) else type(s).__name__
+        raise ValueError(f"score_fn must return a tensor shaped like x {list(x.shape)}, got {got}")
+    return s
+
+
+def _sq_norm(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).pow(2).sum(1)
+
+
+# ----- unadjusted and Metropolis-adjusted Langevin ----------------------------------------
+@torch.no_grad()
+def langevin_sample(
+    score_fn: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    step_size: float,
+    n_steps: int,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+) -> Tensor:
+    """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + eps s(x_k) + sqrt(2 eps) z_k``.
+
+    The Euler-Maruyama discretisation of ``dx = grad log p(x) dt + sqrt(2) dw``, whose
+    stationary law is ``p``; for ``eps > 0`` the chain's stationary law is biased (on
+    ``N(0, s^2)`` its variance is ``s^2 / (1 - eps / (2 s^2))``). Runs every chain of the
+    batch ``x0 [B, ...]`` in parallel; ``callback(k, x)`` sees the state after step ``k``
+    (``k = 0..n_steps-1``). Returns ``x [B, ...]`` (``n_steps`` score evaluations).
+    Book: :ref:`sec-langevin`. Roberts & Tweedie (1996), eq. (1.2) ("ULA").
+    """
+    x = _check_x0(x0).clone()
+    eps = _check_step(step_size)
+    _check_n(n_steps, "n_steps")
+    noise_scale = math.sqrt(2 * eps)
+    for k in range(n_steps):
+        s = _check_score(score_fn(x), x)
+        x = x + eps * s + noise_scale * _randn_like(x, generator)
+        if callback is not None:
+            callback(k, x)
+    return x
+
+
+def _autograd_score(log_prob_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def score_fn(x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(log_prob_fn(xg).sum(), xg)
+        return g
+
+    return score_fn
+
+
+@torch.no_grad()
+def mala_sample(
+    log_prob_fn: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    step_size: float,
+    n_steps: int,
+    score_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+) -> Tuple[Tensor, float]:
+    """Metropolis-adjusted Langevin: a ULA proposal accepted with the MH probability.
+
+    Proposal ``y = x + eps s(x) + sqrt(2 eps) z``, i.e. ``q(y|x) = N(y; x + eps s(x), 2 eps I)``;
+    accept with probability ``min(1, p(y) q(x|y) / (p(x) q(y|x)))``, where
+    ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - eps s(y)||^2 / (2 eps)) / 2``. The chain
+    leaves ``p`` exactly invariant for every ``eps`` (Roberts & Tweedie 1996, sec. 1.4.2).
+    ``log_prob_fn(x) -> [B]`` may be unnormalised; ``score_fn`` defaults to its autograd
+    gradient. Returns ``(x, acceptance_rate)``, the rate averaged over chains and steps
+    (``nan`` when ``n_steps == 0``). Book: :ref:`sec-mala`.
+    """
+    x = _check_x0(x0).clone()
+    eps = _check_step(step_size)
+    _check_n(n_steps, "n_steps")
+    score_fn = _autograd_score(log_prob_fn) if score_fn is None else score_fn
+    noise_scale = math.sqrt(2 * eps)
+
+    def evaluate(v: Tensor) -> Tuple[Tensor, Tensor]:
+        lp = log_prob_fn(v)
+        if not torch.is_tensor(lp) or lp.shape != (v.shape[0],):
+            got = list(lp.shape) if torch.is_tensor(lp) else type(lp).__name__
+            raise ValueError(f"log_prob_fn must return shape [B]=[{v.shape[0]}], got {got}")
+        return lp, _check_score(score_fn(v), v)
+
+    lp_x, s_x = evaluate(x)
+    n_accept = torch.zeros((), dtype=torch.float64, device=x.device)
+    gen_device = generator.device if generator is not None else x.device
+    view = (-1,) + (1,) * (x.dim() - 1)
+    for k in range(n_steps):
+        z = _randn_like(x, generator)
+        y = x + eps * s_x + noise_scale * z
+        lp_y, s_y = evaluate(y)
+        log_q_fwd = -0.5 * _sq_norm(z)  # log q(y|x) up to the shared constant
+        log_q_rev = -_sq_norm(x - y - eps * s_y) / (4 * eps)  # log q(x|y)
+        log_alpha = lp_y - lp_x + log_q_rev - log_q_fwd
+        u = torch.rand(x.shape[0], generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+        # log u < log alpha; nan (e.g. -inf - -inf) is rejected.
+        accept = torch.log(u) < log_alpha
+        x = torch.where(accept.view(view), y, x)
+        s_x = torch.where(accept.view(view), s_y, s_x)
+        lp_x = torch.where(accept, lp_y, lp_x)
+        n_accept += accept.sum()
+        if callback is not None:
+            callback(k, x)
+    rate = float(n_accept) / (n_steps * x.shape[0]) if n_steps > 0 else float("nan")
+    return x, rate
+
+
+# ----- annealed Langevin dynamics ---------------------------------------------------------
+def _check_sigmas(sigmas, like: Optional[Tensor] = None) -> Tensor:
+    opts = dict(dtype=like.dtype, device=like.device) if like is not None else dict(dtype=torch.float64)
+    sig = torch.as_tensor(sigmas, **opts)
+    if sig.dim() != 1 or sig.numel() == 0:
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {list(sig.shape)}")
+    if not (torch.isfinite(sig).all() and (sig > 0).all()):
+        raise ValueError("sigmas must all be positive and finite")
+    if sig.numel() > 1 and not (sig[1:] <= sig[:-1]).all():
+        raise ValueError("sigmas must be in decreasing order (largest noise first)")
+    return sig
+
+
+@torch.no_grad()
+def annealed_langevin_sample(
+    score_fn: Callable[[Tensor, Tensor], Tensor],
+    x0: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    step_lr: float,
+    n_steps_each: int,
+    denoise: bool = True,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[int, Tensor], None]] = None,
+) -> Tuple[Tensor, int]:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; NCSNv2 Algorithm 1).
+
+    For each level ``sigma_1 > ... > sigma_L``: ``alpha_i = step_lr * sigma_i^2 / sigma_L^2``
+    and ``n_steps_each`` steps ``x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z``. The
+    scaling keeps the "signal-to-noise" ``alpha_i / sigma_i^2`` the same at every level. With
+    ``denoise=True`` the last sample is replaced by Tweedie's posterior mean
+    ``x + sigma_L^2 s(x, sigma_L)`` (Jolicoeur-Martineau et al. 2020; NCSNv2 app. B), which
+    removes the residual noise of size ``sigma_L``.
+
+    ``score_fn(x [B, ...], sigma [B])``. ``callback(k, x)`` is called after every Langevin step
+    (``k`` counts all steps over all levels). Returns ``(x, nfe)`` with
+    ``nfe = L * n_steps_each + denoise``. Book: :ref:`sec-annealed`.
+    """
+    x = _check_x0(x0).clone()
+    sig = _check_sigmas(sigmas, x)
+    step_lr = _check_step(step_lr, "step_lr")
+    _check_n(n_steps_each, "n_steps_each")
+    B = x.shape[0]
+    sigma_L = sig[-1]
+    nfe, k = 0, 0
+    for sigma in sig:
+        alpha = step_lr * float(sigma / sigma_L) ** 2
+        sigma_b = sigma.expand(B)
+        for _ in range(n_steps_each):
+            s = _check_score(score_fn(x, sigma_b), x)
+            x = x + alpha * s + math.sqrt(2 * alpha) * _randn_like(x, generator)
+            nfe += 1
+            if callback is not None:
+                callback(k, x)
+            k += 1
+    if denoise:
+        x = x + sigma_L**2 * _check_score(score_fn(x, sigma_L.expand(B)), x)
+        nfe += 1
+    return x, nfe
+
+
+# ----- NCSNv2 recommendations -------------------------------------------------------------
+def geometric_sigmas(
+    sigma_max: float,
+    sigma_min: float,
+    n: int,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``n`` noise levels in geometric progression from ``sigma_max`` down to ``sigma_min``.
+
+    ``sigma_i = sigma_max (sigma_min / sigma_max)^((i-1)/(n-1))``, shape ``[n]``, decreasing
+    (Song & Ermon 2019, sec. 4.2; constant ratio ``gamma = sigma_{i-1}/sigma_i``).
+    """
+    sigma_max = _check_step(sigma_max, "sigma_max")
+    sigma_min = _check_step(sigma_min, "sigma_min")
+    if not sigma_max > sigma_min:
+        raise ValueError(f"need sigma_max > sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+    _check_n(n, "n", minimum=2)
+    frac = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    sig = torch.exp(math.log(sigma_max) + frac * (math.log(sigma_min) - math.log(sigma_max)))
+    return sig.to(dtype=dtype, device=device)
+
+
+def recommended_sigma_max(x: Tensor, block: int = 2048) -> float:
+    """NCSNv2 technique 1: ``sigma_1`` = the largest pairwise Euclidean distance in the data.
+
+    ``x [N, ...]`` is flattened per sample; distances are formed in blocks of rows.
+    """
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 2:
+        raise ValueError("x must be a tensor of shape [N, ...] with N >= 2")
+    xf = x.reshape(x.shape[0], -1).to(torch.promote_types(x.dtype, torch.float32))
+    best = xf.new_zeros(())
+    for i in range(0, xf.shape[0], block):
+        d = torch.cdist(xf[i : i + block], xf, compute_mode="donot_use_mm_for_euclid_dist")
+        best = torch.maximum(best, d.max())
+    return float(best)
+
+
+def _normal_cdf(v: float) -> float:
+    return 0.5 * math.erfc(-v / math.sqrt(2.0))
+
+
+def _level_overlap(gamma: float, dim: int) -> float:
+    """``Phi(sqrt(2D)(gamma-1) + 3 gamma) - Phi(sqrt(2D)(gamma-1) - 3 gamma)`` (NCSNv2 technique 2)."""
+    a = math.sqrt(2.0 * dim) * (gamma - 1.0)
+    return _normal_cdf(a + 3.0 * gamma) - _normal_cdf(a - 3.0 * gamma)
+
+
+def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: float = 0.5) -> int:
+    """NCSNv2 technique 2: number of geometric levels so adjacent noise shells overlap.
+
+    Solve ``Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5`` for
+    the ratio ``gamma > 1`` (bisection), then return the smallest ``L`` whose geometric ratio
+    ``(sigma_max/sigma_min)^(1/(L-1))`` is at most ``gamma``. The equation has a root only for
+    ``sqrt(2D) > 3``, i.e. ``dim >= 5``; lower dimensions raise ``ValueError`` (choose L by hand).
+    """
+    sigma_min = _check_step(sigma_min, "sigma_min")
+    sigma_max = _check_step(sigma_max, "sigma_max")
+    if not sigma_max > sigma_min:
+        raise ValueError(f"need sigma_max > sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}")
+    _check_n(dim, "dim", minimum=1)
+    if not 0 < target < _level_overlap(1.0, dim):
+        raise ValueError(f"target must lie in (0, {_level_overlap(1.0, dim):.4f}), got {target}")
+    if math.sqrt(2.0 * dim) <= 3.0:
+        raise ValueError(f"technique 2 needs sqrt(2 dim) > 3 (dim >= 5) to have a solution, got dim={dim}")
+    lo, hi = 1.0, 2.0
+    while _level_overlap(hi, dim) > target:  # the overlap tends to 0 as gamma grows
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _level_overlap(mid, dim) > target:
+            lo = mid
+        else:
+            hi = mid
+    gamma = 0.5 * (lo + hi)
+    return int(math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9)) + 1
+
+
+def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
+    """NCSNv2 eq. (7): Var[x_T] / sigma_i^2 after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
+
+    Started from ``N(0, sigma_{i-1}^2 I)``, ``u = eps / sigma_L^2``: each step maps the variance
+    ``v -> (1 - u)^2 v + 2 u sigma_i^2``, whose fixed point is ``sigma_i^2 / (1 - u/2)``.
+    """
+    c = 1.0 / (1.0 - 0.5 * u)
+    return (1.0 - u) ** (2 * n_steps_each) * (gamma**2 - c) + c
+
+
+def recommended_step_size(sigmas: Sequence[float] | Tensor, n_steps_each: int) -> float:
+    """NCSNv2 technique 4: the ``step_lr`` (eps) making eq. (7) as close to 1 as possible.
+
+    ``(1 - eps/sigma_L^2)^(2T) (gamma^2 - 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2))
+    + 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2)`` is the variance of the Langevin
+    chain at level ``i`` after ``T = n_steps_each`` steps, relative to ``sigma_i^2``. It exceeds
+    1 for every ``eps``, so we minimise it over ``eps in (0, sigma_L^2)`` (bounded Brent search).
+    ``gamma`` is the geometric-mean ratio of consecutive ``sigmas``.
+    """
+    from scipy.optimize import minimize_scalar
+
+    sig = _check_sigmas(sigmas)
+    if sig.numel() < 2:
+        raise ValueError("sigmas needs at least 2 levels")
+    T = _check_n(n_steps_each, "n_steps_each", minimum=1)
+    gamma = float((sig[0] / sig[-1]) ** (1.0 / (sig.numel() - 1)))
+    res = minimize_scalar(
+        lambda u: _variance_ratio(u, gamma, T), bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-10}
+    )
+    return float(res.x) * float(sig[-1]) ** 2
