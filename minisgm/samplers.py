@@ -410,8 +410,8 @@ def _ode_func(score_fn: ScoreFn, sde: SDE, counter: list, callback: Optional[Cal
         counter[0] += 1
         # The solver's initial step-size heuristic may probe one trial time beyond [eps, T];
         # clamping only affects that estimate (later steps are forced to end exactly at t1).
-        t = t.to(x.dtype).clamp(t_lo, t_hi).expand(x.shape[0])
-        v = sde.ode_drift(score_fn, x, t)
+        t = t.to(x.dtype).clamp(t_lo, t_hi)
+        v = sde.ode_drift(score_fn, x, t.expand(x.shape[0]))
         if callback is not None:
             callback(counter[0] - 1, float(t), x)
         return v
