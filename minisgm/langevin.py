@@ -92,7 +92,7 @@ def langevin_sample(
     ``N(0, s^2)`` its variance is ``s^2 / (1 - eps / (2 s^2))``). Runs every chain of the
     batch ``x0 [B, ...]`` in parallel; ``callback(k, x)`` sees the state after step ``k``
     (``k = 0..n_steps-1``). Returns ``x [B, ...]`` (``n_steps`` score evaluations).
-    Book: :ref:`sec-langevin`. Roberts & Tweedie (1996), eq. (1.2) ("ULA").
+    Book: :ref:`sec-langevin`. Roberts & Tweedie (1996) (their "ULA").
     """
     x = _check_x0(x0).clone()
     eps = _check_step(step_size)
@@ -131,7 +131,7 @@ def mala_sample(
     Proposal ``y = x + eps s(x) + sqrt(2 eps) z``, i.e. ``q(y|x) = N(y; x + eps s(x), 2 eps I)``;
     accept with probability ``min(1, p(y) q(x|y) / (p(x) q(y|x)))``, where
     ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - eps s(y)||^2 / (2 eps)) / 2``. The chain
-    leaves ``p`` exactly invariant for every ``eps`` (Roberts & Tweedie 1996, sec. 1.4.2).
+    leaves ``p`` exactly invariant for every ``eps`` (Roberts & Tweedie 1996, "MALA").
     ``log_prob_fn(x) -> [B]`` may be unnormalised; ``score_fn`` defaults to its autograd
     gradient. Returns ``(x, acceptance_rate)``, the rate averaged over chains and steps
     (``nan`` when ``n_steps == 0``). Book: :ref:`sec-mala`.
@@ -312,7 +312,7 @@ def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: f
 
 
 def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
-    """NCSNv2 eq. (7): Var[x_T] / sigma_i^2 after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
+    """NCSNv2 technique 4 (from its Proposition 3): Var[x_T] / sigma_i^2 after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
 
     Started from ``N(0, sigma_{i-1}^2 I)``, ``u = eps / sigma_L^2``: each step maps the variance
     ``v -> (1 - u)^2 v + 2 u sigma_i^2``, whose fixed point is ``sigma_i^2 / (1 - u/2)``.
@@ -322,7 +322,7 @@ def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
 
 
 def recommended_step_size(sigmas: Sequence[float] | Tensor, n_steps_each: int) -> float:
-    """NCSNv2 technique 4: the ``step_lr`` (eps) making eq. (7) as close to 1 as possible.
+    """NCSNv2 technique 4: the ``step_lr`` (eps) making the variance ratio below as close to 1 as possible.
 
     ``(1 - eps/sigma_L^2)^(2T) (gamma^2 - 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2))
     + 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2)`` is the variance of the Langevin

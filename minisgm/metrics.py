@@ -95,8 +95,9 @@ def mmd(
 ) -> Tensor:
     """Squared maximum mean discrepancy with a (multi-bandwidth) Gaussian kernel.
 
-    ``MMD^2 = E k(X, X') + E k(Y, Y') - 2 E k(X, Y)`` (Gretton et al. 2012, eq. 3, V-statistic;
-    eq. 4 U-statistic with ``unbiased=True``) with ``k(a, b) = 1/H sum_h exp(-|a - b|^2 / (2 h^2))``.
+    ``MMD^2 = E k(X, X') + E k(Y, Y') - 2 E k(X, Y)`` (Gretton et al. 2012, JMLR) with
+    ``k(a, b) = 1/H sum_h exp(-|a - b|^2 / (2 h^2))``: the biased V-statistic by default, the
+    unbiased U-statistic (pairs ``i != j`` within each set) with ``unbiased=True``.
     ``bandwidths=None`` uses the median heuristic ``h_med`` (median pairwise distance of the
     pooled sample) at scales ``h_med * (0.5, 1, 2)``; a float or sequence sets them directly.
     Returns a 0-d tensor in ``[0, 2]`` (V-statistic).

@@ -112,7 +112,7 @@ def esm_loss(
 def ism_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, reduction: str = "mean") -> Tensor:
     """Implicit score matching ``E[ tr(grad_x s(x)) + 1/2 ||s(x)||^2 ]`` with the exact trace.
 
-    Hyvarinen (2005), Theorem 1 (eq. 4): equals the ESM loss minus the model-independent
+    Hyvarinen (2005), Theorem 1: equals the ESM loss minus the model-independent
     constant ``1/2 E ||grad log p||^2``. The Jacobian trace ``sum_i d s_i / d x_i`` costs one
     backward pass per data dimension ``D``, each with ``create_graph=True`` so the loss can be
     trained. ``x [B, ...]`` of any trailing shape. Book: :ref:`sec-ism`.
@@ -154,9 +154,9 @@ def ssm_loss(
 ) -> Tensor:
     """Sliced score matching ``E_x E_v [ v^T grad_x s(x) v + 1/2 (v^T s(x))^2 ]``.
 
-    Song, Garg, Shi & Ermon (2019), eq. (7). With ``variance_reduction=True`` the second term
+    Song, Garg, Shi & Ermon (2019), sec. 3. With ``variance_reduction=True`` the second term
     is replaced by its exact expectation over ``v`` (E[v v^T] = I), giving SSM-VR
-    ``E[ v^T J v + 1/2 ||s||^2 ]`` (eq. 8). ``v`` is standard Gaussian or Rademacher
+    ``E[ v^T J v + 1/2 ||s||^2 ]``. ``v`` is standard Gaussian or Rademacher
     (``projection``); both have ``E[v v^T] = I`` so both are unbiased for ISM. ``v^T J v`` is
     one Jacobian-vector product, i.e. one backward pass for all ``n_projections`` at once
     (``x`` is repeated). The per-sample value averages over the projections.
@@ -189,7 +189,7 @@ def dsm_loss(
 ) -> Tensor:
     """Denoising score matching ``1/2 E || s(x + sigma z) + z / sigma ||^2``, ``z ~ N(0, I)``.
 
-    Vincent (2011), eq. (8): the target ``grad log q(x~|x) = -(x~ - x)/sigma^2 = -z/sigma``.
+    Vincent (2011), the DSM objective: the target ``grad log q(x~|x) = -(x~ - x)/sigma^2 = -z/sigma``.
     Minimised by the score of the noised law ``p_sigma = p * N(0, sigma^2 I)``, not of ``p``.
     ``sigma`` a positive scalar or ``[B]``. Book: :ref:`sec-dsm`.
     """
