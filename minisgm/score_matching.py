@@ -125,9 +125,9 @@ def ism_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, reduction: str = "
         B = x.shape[0]
         s_flat = s.reshape(B, -1)
         trace = torch.zeros(B, dtype=s.dtype, device=s.device)
-        for i in range(s_flat.shape[1]):
+        for i in range(s_flat.shape[1] if s.requires_grad else 0):  # a constant score has J = 0
             # Samples are independent, so d(sum_b s_bi)/dx_b = d s_bi / dx_b: one pass per dim i.
-            (g,) = torch.autograd.grad(s_flat[:, i].sum(), xg, create_graph=True)
+            (g,) = torch.autograd.grad(s_flat[:, i].sum(), xg, create_graph=True, allow_unused=True, materialize_grads=True)
             trace = trace + g.reshape(B, -1)[:, i]
         per_sample = trace + 0.5 * s_flat.pow(2).sum(1)
     return _reduce(per_sample, reduction)
@@ -173,7 +173,10 @@ def ssm_loss(
         xr = x.detach().repeat(n_projections, *([1] * (x.dim() - 1))).requires_grad_(True)
         s = _check_score(score_fn(xr), xr)
         vs = (v * s).reshape(xr.shape[0], -1).sum(1)  # v^T s, [P*B]
-        (jtv,) = torch.autograd.grad(vs.sum(), xr, create_graph=True)  # J^T v per sample
+        if s.requires_grad:
+            (jtv,) = torch.autograd.grad(vs.sum(), xr, create_graph=True, allow_unused=True, materialize_grads=True)
+        else:  # a score that ignores x has J = 0
+            jtv = torch.zeros_like(xr)
         vjv = (v * jtv).reshape(xr.shape[0], -1).sum(1)
         second = 0.5 * _sq_norm(s) if variance_reduction else 0.5 * vs.pow(2)
         per_sample = (vjv + second).reshape(n_projections, B).mean(0)
