@@ -1,0 +1,22 @@
+"""Score networks: time / noise embeddings, MLPs for vector data, a small U-Net for 8x8 images,
+and noise-conditional classifiers for guidance. Book: :ref:`sec-score-networks`.
+
+Every score network is called as ``model(x, t)`` (plus ``y`` when class-conditional) and
+fits the package-wide score signature ``score(x [B, ...], t [B]) -> tensor like x``.
+"""
+
+from .classifier import TimeConditionedClassifier
+from .embeddings import ClassEmbedding, GaussianFourierProjection, SinusoidalEmbedding, TimeEmbedding
+from .mlp import MLP, ScoreMLP
+from .unet import SmallUNet
+
+__all__ = [
+    "GaussianFourierProjection",
+    "SinusoidalEmbedding",
+    "TimeEmbedding",
+    "ClassEmbedding",
+    "MLP",
+    "ScoreMLP",
+    "SmallUNet",
+    "TimeConditionedClassifier",
+]

@@ -1,0 +1,191 @@
+"""Embeddings of the time ``t`` (or noise level ``sigma``) fed to score networks.
+
+A score network ``s_theta(x, t)`` must know how noisy its input is. A scalar is a poor input
+to an MLP (it can only fit slowly varying functions of it), so it is first lifted to
+``embed_dim`` sinusoids of many frequencies. Book: :ref:`sec-score-networks`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GaussianFourierProjection", "SinusoidalEmbedding"]
+
+
+def _check_embed_dim(embed_dim) -> int:
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 2 or embed_dim % 2:
+        raise ValueError(f"embed_dim must be an even int >= 2, got {embed_dim!r}")
+    return embed_dim
+
+
+def _check_scalar_batch(c: Tensor) -> Tensor:
+    if not torch.is_tensor(c):
+        raise TypeError(f"the time/noise input must be a torch.Tensor, got {type(c).__name__}")
+    if c.dim() != 1:
+        raise ValueError(f"the time/noise input must have shape [B], got {list(c.shape)}")
+    if not c.dtype.is_floating_point:
+        c = c.to(torch.get_default_dtype())
+    return c
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features ``[sin(2 pi W c), cos(2 pi W c)]``, ``W_i ~ N(0, scale^2)``.
+
+    Tancik et al. (2020), "Fourier Features Let Networks Learn High Frequency Functions";
+    Song et al. (2021, NCSN++) embed ``c = log sigma`` this way for the VE SDE, with
+    ``scale = 16``. ``W`` (``embed_dim / 2`` frequencies) is drawn once and fixed: a buffer,
+    saved in the ``state_dict`` but not trained.
+
+    Shapes: ``c [B] -> [B, embed_dim]`` (first half sines, second half cosines), in the dtype
+    of ``c``.
+    """
+
+    W: Tensor
+
+    def __init__(self, embed_dim: int, scale: float = 16.0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.embed_dim = _check_embed_dim(embed_dim)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        self.scale = float(scale)
+        self.register_buffer("W", torch.randn(embed_dim // 2, generator=generator) * self.scale)
+
+    def forward(self, c: Tensor) -> Tensor:
+        c = _check_scalar_batch(c)
+        proj = 2 * math.pi * c[:, None] * self.W.to(c.dtype)[None, :]
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, scale={self.scale}"
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer positional encoding of a scalar ``c``: ``[sin(w_i c), cos(w_i c)]``.
+
+    ``w_i = max_positions^(-i / half)``, ``i = 0..half-1``, ``half = embed_dim / 2``
+    (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020 use it for the DDPM step ``n = 0..999``,
+    so for ``t in [0, 1]`` pass ``1000 t``). Deterministic, no parameters. Since
+    ``sin a sin b + cos a cos b = cos(a - b)``, ``<e(c), e(c')> = sum_i cos(w_i (c - c'))``:
+    the similarity of two embeddings depends only on ``c - c'`` and ``|e(c)|^2 = half``.
+
+    Shapes: ``c [B] -> [B, embed_dim]`` (first half sines, second half cosines).
+    """
+
+    freqs: Tensor
+
+    def __init__(self, embed_dim: int, max_positions: float = 10000):
+        super().__init__()
+        self.embed_dim = _check_embed_dim(embed_dim)
+        if isinstance(max_positions, bool) or not isinstance(max_positions, (int, float)) or not max_positions > 1:
+            raise ValueError(f"max_positions must be a number > 1, got {max_positions!r}")
+        self.max_positions = float(max_positions)
+        half = embed_dim // 2
+        freqs = torch.exp(-math.log(self.max_positions) * torch.arange(half, dtype=torch.float64) / half)
+        # Non-persistent: recomputed from the arguments, so old checkpoints stay loadable.
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, c: Tensor) -> Tensor:
+        c = _check_scalar_batch(c)
+        proj = c[:, None] * self.freqs.to(c.dtype)[None, :]
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, max_positions={self.max_positions:g}"
+
+
+def batch_condition(t, x: Tensor) -> Tensor:
+    """Return the time / noise input as a ``[B]`` tensor of ``x``'s dtype and device.
+
+    A Python number or 0-d tensor is broadcast to the batch; anything else must be ``[B]``.
+    """
+    if not torch.is_tensor(x) or x.dim() < 1:
+        raise ValueError("x must be a tensor with a batch dimension [B, ...]")
+    B = x.shape[0]
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"t (or sigma) must be a scalar or have shape [B]=[{B}], got {list(t.shape)}")
+    return t
+
+
+class TimeEmbedding(nn.Module):
+    """Map the conditioning scalar (time ``t`` or noise level ``sigma``) to a ``[B, out_dim]`` vector.
+
+    ``cond="t"`` embeds ``c = t`` (continuous time in ``[0, 1]`` of an SDE); ``cond="sigma"``
+    embeds ``c = log sigma`` (NCSN noise levels, Song & Ermon 2019; Song et al. 2021 for VE),
+    since noise levels are geometric and the log spreads them evenly. The Fourier features
+    see ``c`` as is; the sinusoidal ones see ``1000 c`` (the DDPM step scale ``n = 0..999``).
+    The features then pass through ``Linear -> SiLU -> Linear`` (Ho et al. 2020).
+    """
+
+    def __init__(self, out_dim: int, embed_dim: int = 64, embedding: str = "fourier", cond: str = "t", fourier_scale: float = 16.0):
+        super().__init__()
+        if embedding == "fourier":
+            self.features: nn.Module = GaussianFourierProjection(embed_dim, scale=fourier_scale)
+            self.input_scale = 1.0
+        elif embedding == "sinusoidal":
+            self.features = SinusoidalEmbedding(embed_dim)
+            self.input_scale = 1000.0
+        else:
+            raise ValueError(f"embedding must be 'fourier' or 'sinusoidal', got {embedding!r}")
+        if cond not in ("t", "sigma"):
+            raise ValueError(f"cond must be 't' (time) or 'sigma' (noise level), got {cond!r}")
+        self.embedding, self.cond = embedding, cond
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        if self.cond == "sigma":
+            if not torch.compiler.is_compiling() and not bool((t > 0).all()):
+                raise ValueError("sigma must be positive (the network embeds log sigma)")
+            c = torch.log(t)
+        else:
+            c = t
+        return self.mlp(self.features(c * self.input_scale))
+
+
+class ClassEmbedding(nn.Module):
+    """Learned class embedding with a *null* class for classifier-free guidance.
+
+    Labels ``0..num_classes-1`` are classes; ``num_classes`` (or ``y=None``) means
+    "unconditional" (Ho & Salimans 2022: one network learns both by dropping labels to the
+    null class during training). Shapes: ``y [B] (int64) -> [B, dim]``.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError("class labels y must be an integer tensor [B]")
+        if y.shape != (batch,):
+            raise ValueError(f"class labels y must have shape [B]=[{batch}], got {list(y.shape)}")
+        if not torch.compiler.is_compiling() and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            raise ValueError(
+                f"class labels must lie in 0..{self.num_classes} ({self.num_classes} = null class), "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+        return self.table(y.long())
+
+
+def check_marginal_std(std: Tensor, batch: int) -> Tensor:
+    """Validate the ``[B]`` output of a ``marginal_std`` callable (positive, right shape)."""
+    if not torch.is_tensor(std) or std.shape != (batch,):
+        shape = list(std.shape) if torch.is_tensor(std) else type(std).__name__
+        raise ValueError(f"marginal_std(t) must return a [B]=[{batch}] tensor, got {shape}")
+    if not torch.compiler.is_compiling() and not bool((std > 0).all()):
+        raise ValueError("marginal_std(t) must be positive; at t = 0 the VP/VE std is 0, so evaluate at t >= sde.eps")
+    return std
+
+
+__all__ += ["TimeEmbedding", "ClassEmbedding", "batch_condition", "check_marginal_std"]
