@@ -312,7 +312,7 @@ def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: f
 
 
 def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
-    """NCSNv2 technique 4 (from its Proposition 3): Var[x_T] / sigma_i^2 after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
+    """NCSNv2 technique 4: ``Var[x_T] / sigma_i^2`` after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
 
     Started from ``N(0, sigma_{i-1}^2 I)``, ``u = eps / sigma_L^2``: each step maps the variance
     ``v -> (1 - u)^2 v + 2 u sigma_i^2``, whose fixed point is ``sigma_i^2 / (1 - u/2)``.

@@ -78,7 +78,8 @@ def _check_sigma(sigma, x: Tensor) -> Tensor:
     elif sig.shape != (x.shape[0],):
         raise ValueError(f"sigma must be a scalar or have shape [B]=[{x.shape[0]}], got {list(sig.shape)}")
     if not (torch.isfinite(sig).all() and (sig > 0).all()):
-        raise ValueError(f"sigma must be positive and finite, got values in [{float(sig.min()):.4g}, {float(sig.max()):.4g}]")
+        lo, hi = float(sig.min()), float(sig.max())
+        raise ValueError(f"sigma must be positive and finite, got values in [{lo:.4g}, {hi:.4g}]")
     return sig
 
 
@@ -127,7 +128,9 @@ def ism_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, reduction: str = "
         trace = torch.zeros(B, dtype=s.dtype, device=s.device)
         for i in range(s_flat.shape[1] if s.requires_grad else 0):  # a constant score has J = 0
             # Samples are independent, so d(sum_b s_bi)/dx_b = d s_bi / dx_b: one pass per dim i.
-            (g,) = torch.autograd.grad(s_flat[:, i].sum(), xg, create_graph=True, allow_unused=True, materialize_grads=True)
+            (g,) = torch.autograd.grad(
+                s_flat[:, i].sum(), xg, create_graph=True, allow_unused=True, materialize_grads=True
+            )
             trace = trace + g.reshape(B, -1)[:, i]
         per_sample = trace + 0.5 * s_flat.pow(2).sum(1)
     return _reduce(per_sample, reduction)
