@@ -5,9 +5,11 @@
 * :func:`mala_sample`: Metropolis-adjusted Langevin (Roberts & Tweedie 1996), the same proposal
   with an exact Metropolis-Hastings correction, so the target is exactly invariant.
 * :func:`annealed_langevin_sample`: Song & Ermon (2019), Algorithm 1, with the noise-conditional
-  score ``s(x, sigma)`` and the optional final denoising step of NCSNv2 (:ref:`sec-annealed`).
+  score ``s(x, sigma)`` and the optional final denoising step of NCSNv2
+  (:ref:`sec-annealed-langevin`, :ref:`sec-denoising-step`).
 * ``recommended_*``, :func:`geometric_sigmas`: Song & Ermon (2020) "Improved techniques for
-  training score-based generative models" (NCSNv2), techniques 1, 2 and 4.
+  training score-based generative models" (NCSNv2), techniques 1, 2 and 4
+  (:ref:`sec-ncsnv2-techniques`).
 
 Step convention (all three samplers, and NCSNv2's Algorithm 1): one step is
 ``x + alpha * s + sqrt(2 alpha) z``. (Song & Ermon 2019 write ``alpha/2 * s + sqrt(alpha) z``,
@@ -208,7 +210,7 @@ def annealed_langevin_sample(
 
     ``score_fn(x [B, ...], sigma [B])``. ``callback(k, x)`` is called after every Langevin step
     (``k`` counts all steps over all levels). Returns ``(x, nfe)`` with
-    ``nfe = L * n_steps_each + denoise``. Book: :ref:`sec-annealed`.
+    ``nfe = L * n_steps_each + denoise``. Book: :ref:`sec-annealed-langevin`.
     """
     x = _check_x0(x0).clone()
     sig = _check_sigmas(sigmas, x)
