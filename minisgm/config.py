@@ -55,10 +55,13 @@ class ModelConfig:
     arch: str = "unet"  # "mlp" (minisgm.models.ScoreMLP, 2-D toy data) or "unet" (SmallUNet, images)
     hidden: int = 128  # MLP: width of the hidden layers
     n_layers: int = 3  # MLP: number of hidden layers
-    nf: int = 32  # U-Net: channels at the first resolution
-    ch_mult: Tuple[int, ...] = (1, 2)  # U-Net: channel multiplier per resolution (len = number of levels)
-    embed_dim: int = 64  # width of the time (noise-level) embedding
-    dropout: float = 0.0  # dropout probability inside residual blocks (U-Net)
+    nf: int = 32  # U-Net: channels at full resolution (base_channels)
+    ch_mult: Tuple[int, ...] = (1, 2)  # U-Net: channel multiplier per resolution (each level halves H, W)
+    num_res_blocks: int = 1  # U-Net: residual blocks per level going down (one more going up)
+    attention: bool = True  # U-Net: self-attention at the lowest resolution
+    embed_dim: int = 64  # size of the sinusoidal / Fourier features of t
+    embedding: str = "sinusoidal"  # time embedding: "sinusoidal" (DDPM) or "fourier" (random Fourier features)
+    dropout: float = 0.0  # U-Net: dropout inside residual blocks
 
 
 @dataclass
@@ -79,7 +82,7 @@ class DataConfig:
 
     dataset: str = "digits"  # "digits" (sklearn 8x8), "cifar10", or a 2-D toy name: two_moons, swiss_roll, checkerboard, rings, spirals, eight_gaussians
     path: str = ""  # cifar10: folder holding cifar-10-batches-py/ (or the archive); unused otherwise
-    centered: bool = True  # map images from [0, 1] to [-1, 1] before noising (score-SDE: True for VP, False for VE)
+    centered: bool = True  # map images from [0, 1] to [-1, 1] before noising (score-SDE: True for VP, False for VE); NCSN++ gets the same flag
     random_flip: bool = False  # random horizontal flips (CIFAR-10)
     class_conditional: bool = False  # train a class-conditional score s(x, t, y) (digits, cifar10)
     uniform_dequantization: bool = False  # add U[0, 1/levels) noise to the discrete pixel values
@@ -144,7 +147,7 @@ class Config:
 def _toy(preset: str, dataset: str) -> Config:
     return Config(
         preset=preset,
-        model=ModelConfig(arch="mlp", hidden=128, n_layers=3, embed_dim=32),
+        model=ModelConfig(arch="mlp", hidden=128, n_layers=3, embed_dim=32, embedding="fourier"),
         sde=SDEConfig(kind="vp"),
         data=DataConfig(dataset=dataset, centered=False),
         train=TrainConfig(n_steps=3000, batch_size=512, lr=2e-3, warmup=100, ema_rate=0.99,
@@ -177,7 +180,7 @@ def digits_vp() -> Config:
     """The default: 8x8 digits, SmallUNet, VP SDE; a few minutes on 2 CPU cores."""
     return Config(
         preset="digits_vp",
-        model=ModelConfig(arch="unet", nf=32, ch_mult=(1, 2), embed_dim=64),
+        model=ModelConfig(arch="unet", nf=32, ch_mult=(1, 2), num_res_blocks=1, embed_dim=64),
         sde=SDEConfig(kind="vp", beta_min=0.1, beta_max=20.0),
         data=DataConfig(dataset="digits", centered=True),
         train=TrainConfig(n_steps=4000, batch_size=128, lr=2e-3, warmup=100, ema_rate=0.999,
@@ -221,7 +224,7 @@ def _cifar10(preset: str, model_preset: str, sde_kind: str) -> Config:
     ve = sde_kind == "ve"
     return Config(
         preset=preset,
-        model=getattr(ncsnpp, model_preset)(),
+        model=dataclasses.replace(getattr(ncsnpp, model_preset)(), centered=not ve),
         sde=SDEConfig(kind=sde_kind, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0),
         # score-SDE: VE models see data in [0, 1], VP/sub-VP models see [-1, 1]; random flips.
         data=DataConfig(dataset="cifar10", path="data/cifar10", centered=not ve, random_flip=True),
@@ -265,8 +268,8 @@ def cifar10_ddpmpp_deep_subvp() -> Config:
 
 
 def cifar10_small() -> Config:
-    """A small NCSN++ on CIFAR-10 for one GPU in hours (or a smoke test on a CPU)."""
-    c = _cifar10("cifar10_small", "ncsnpp_small", "vp")
+    """A small NCSN++ (about 4M parameters), VE SDE, CIFAR-10: one GPU in hours, or a CPU smoke test."""
+    c = _cifar10("cifar10_small", "ncsnpp_small", "ve")
     c.train.n_steps = 100_000
     c.train.warmup = 1000
     c.train.ema_rate = 0.999
@@ -482,8 +485,11 @@ def validate(cfg: Config) -> None:
             close = difflib.get_close_matches(str(v), choices, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"--{key} must be one of {', '.join(choices)}; got {v!r}.{hint}")
-    if isinstance(cfg.model, ModelConfig) and cfg.model.arch not in ("mlp", "unet"):
-        raise ConfigError(f"--model.arch must be 'mlp' or 'unet', got {cfg.model.arch!r}")
+    if isinstance(cfg.model, ModelConfig):
+        if cfg.model.arch not in ("mlp", "unet"):
+            raise ConfigError(f"--model.arch must be 'mlp' or 'unet', got {cfg.model.arch!r}")
+        if cfg.model.embedding not in ("sinusoidal", "fourier"):
+            raise ConfigError(f"--model.embedding must be 'sinusoidal' or 'fourier', got {cfg.model.embedding!r}")
     t = cfg.train
     for name in ("n_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(t, name) < 1:
