@@ -1,0 +1,889 @@
+"""NCSN++ and DDPM++: the CIFAR-10 score networks of Song et al. (2021), in plain PyTorch.
+
+Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
+through Stochastic Differential Equations", ICLR (arXiv:2011.13456), section 4.4 and appendix
+H ("architecture improvements"). Book: :ref:`sec-ncsnpp`.
+
+Both networks are the DDPM U-Net (Ho et al. 2020) with the paper's improvements:
+
+* BigGAN-style residual blocks (Brock et al. 2019): the block itself up- or down-samples, on
+  the residual branch and on the skip branch, instead of a separate resampling layer;
+* every residual sum is divided by sqrt(2) (``skip_rescale``) so that activations keep their
+  variance through the many blocks;
+* FIR anti-aliased resampling with the [1, 3, 3, 1] kernel (StyleGAN2, Karras et al. 2020)
+  for NCSN++; nearest/average-pool resampling for DDPM++;
+* a progressive-growing input path (``progressive_input="residual"`` in NCSN++): the image is
+  FIR-downsampled level by level and added to the features;
+* self-attention at the 16 x 16 feature maps (one head, ``scaled_dot_product_attention``);
+* noise conditioning through an embedding of the noise level fed to every residual block as
+  a per-channel bias (the GroupNorms themselves are unconditional, as in the paper's configs).
+
+The noise level enters the network as follows (``t`` is the SDE time in [0, 1]):
+
+* NCSN++ (VE SDE, ``embedding_type="fourier"``): random Fourier features of log sigma(t),
+  ``[sin(2 pi W log sigma), cos(2 pi W log sigma)]`` with ``W ~ N(0, fourier_scale^2)``;
+  the network output is divided by sigma(t) (``scale_by_sigma=True``), so the raw output
+  is sigma(t) * score, a quantity of unit scale (Song & Ermon 2020, technique 3).
+* DDPM++ (VP and sub-VP SDEs, ``embedding_type="positional"``): the transformer sinusoidal
+  embedding of 999 t (the DDPM step index for 1000 steps); the raw output predicts the noise
+  z of x_t = m(t) x_0 + s(t) z, so score = -output / s(t) (``scale_by_sigma=False``).
+
+Here sigma(t) = s(t) is the marginal standard deviation, supplied by the SDE (see
+:class:`NCSNpp`). With :class:`minisgm.sde.VESDE` it is the exact sqrt(sigma(t)^2 -
+sigma_min^2), not score_sde's approximation sigma_min (sigma_max / sigma_min)^t.
+
+The code is written from the paper and for reading; it follows the layer layout of the
+authors' release (score_sde_pytorch) closely enough that the parameter counts agree, but it
+uses no custom CUDA kernels: FIR filters are depthwise (transposed) convolutions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minisgm.models.embeddings import GaussianFourierProjection
+from minisgm.sde import batch_time
+
+__all__ = [
+    "NCSNppConfig",
+    "NCSNpp",
+    "ncsnpp_cifar10",
+    "ddpmpp_cifar10",
+    "ncsnpp_deep_cifar10",
+    "ddpmpp_deep_cifar10",
+    "ncsnpp_small",
+    "ddpmpp_small",
+    "count_parameters",
+    "fir_upsample_2d",
+    "fir_downsample_2d",
+    "AttentionBlock",
+    "ResnetBlockBigGAN",
+    "ResnetBlockDDPM",
+]
+
+_SQRT2 = math.sqrt(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NCSNppConfig:
+    """Hyper-parameters of an NCSN++ / DDPM++ U-Net (Song et al. 2021, appendix H).
+
+    The four CIFAR-10 models of the paper are :func:`ncsnpp_cifar10`, :func:`ddpmpp_cifar10`
+    and their ``_deep_`` variants; the defaults below are DDPM++ (cont.).
+    """
+
+    nf: int = 128  # base width: level i has nf * ch_mult[i] channels
+    ch_mult: Tuple[int, ...] = (1, 2, 2, 2)  # width multiplier per resolution (32, 16, 8, 4 px)
+    num_res_blocks: int = 4  # residual blocks per level going down (num_res_blocks + 1 going up)
+    attn_resolutions: Tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    dropout: float = 0.1  # dropout before the second conv of every residual block
+    resamp_with_conv: bool = True  # "ddpm" blocks only: resampling layers carry a 3x3 conv
+    fir: bool = False  # FIR (anti-aliased, StyleGAN2) resampling instead of nearest / avg-pool
+    fir_kernel: Tuple[int, ...] = (1, 3, 3, 1)  # 1-D FIR taps; the 2-D kernel is their outer product
+    skip_rescale: bool = True  # divide every residual sum by sqrt(2) (keeps the variance)
+    resblock_type: str = "biggan"  # "biggan" (blocks resample) or "ddpm" (separate resampling layers)
+    progressive: str = "none"  # output path: "none", "output_skip" or "residual"
+    progressive_input: str = "none"  # input image pyramid: "none", "input_skip" or "residual"
+    progressive_combine: str = "sum"  # how "input_skip" merges the pyramid: "sum" or "cat"
+    embedding_type: str = "positional"  # "fourier" on log sigma(t) (VE) or "positional" on 999 t (VP)
+    fourier_scale: float = 16.0  # std of the random Fourier frequencies W
+    init_scale: float = 0.0  # init variance scale of each block's last layer (0: blocks start as identity)
+    conv_size: int = 3  # kernel size of the (odd-sized) convolutions
+    image_size: int = 32  # input height = width, in pixels
+    num_channels: int = 3  # image channels
+    centered: bool = True  # True: data in [-1, 1]; False: data in [0, 1], mapped by 2x - 1 first
+    num_classes: Optional[int] = None  # class-conditional model with this many classes (None: off)
+    scale_by_sigma: bool = False  # True: score = out / sigma(t) (NCSN++); False: score = -out / sigma(t)
+
+    def __post_init__(self) -> None:
+        # Configs read back from JSON/CLI hold lists; keep the fields hashable tuples.
+        for name in ("ch_mult", "attn_resolutions", "fir_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+        _validate_config(self)
+
+    @property
+    def resolutions(self) -> Tuple[int, ...]:
+        """Feature-map size of each level: image_size / 2^i."""
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"NCSNppConfig.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"NCSNppConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"NCSNppConfig.{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_int_tuple(name: str, value: Any, minimum: int, allow_empty: bool) -> None:
+    if not isinstance(value, tuple):
+        raise TypeError(f"NCSNppConfig.{name} must be a tuple of ints, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"NCSNppConfig.{name} must not be empty")
+    for v in value:
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"NCSNppConfig.{name} must hold ints >= {minimum}, got {value}")
+
+
+def _validate_config(c: NCSNppConfig) -> None:
+    _check_int("nf", c.nf, 1)
+    _check_int_tuple("ch_mult", c.ch_mult, 1, allow_empty=False)
+    _check_int("num_res_blocks", c.num_res_blocks, 1)
+    _check_int_tuple("attn_resolutions", c.attn_resolutions, 1, allow_empty=True)
+    _check_int_tuple("fir_kernel", c.fir_kernel, 0, allow_empty=False)
+    _check_int("conv_size", c.conv_size, 1)
+    _check_int("image_size", c.image_size, 1)
+    _check_int("num_channels", c.num_channels, 1)
+    for name in ("resamp_with_conv", "fir", "skip_rescale", "centered", "scale_by_sigma"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"NCSNppConfig.{name} must be a bool, got {getattr(c, name)!r}")
+    for name in ("dropout", "fourier_scale", "init_scale"):
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise TypeError(f"NCSNppConfig.{name} must be a finite number, got {v!r}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ValueError(f"NCSNppConfig.dropout must lie in [0, 1), got {c.dropout}")
+    if c.fourier_scale <= 0:
+        raise ValueError(f"NCSNppConfig.fourier_scale must be positive, got {c.fourier_scale}")
+    if c.init_scale < 0:
+        raise ValueError(f"NCSNppConfig.init_scale must be >= 0, got {c.init_scale}")
+    if c.conv_size % 2 != 1:
+        raise ValueError(f"NCSNppConfig.conv_size must be odd ('same' padding), got {c.conv_size}")
+    if len(c.fir_kernel) % 2 != 0 or sum(c.fir_kernel) <= 0:
+        raise ValueError(
+            f"NCSNppConfig.fir_kernel must have an even number of taps with a positive sum "
+            f"(factor-2 resampling keeps the grid aligned only then), got {c.fir_kernel}"
+        )
+    _check_choice("resblock_type", c.resblock_type, ("biggan", "ddpm"))
+    _check_choice("progressive", c.progressive, ("none", "output_skip", "residual"))
+    _check_choice("progressive_input", c.progressive_input, ("none", "input_skip", "residual"))
+    _check_choice("progressive_combine", c.progressive_combine, ("sum", "cat"))
+    _check_choice("embedding_type", c.embedding_type, ("fourier", "positional"))
+    if c.num_classes is not None:
+        _check_int("num_classes", c.num_classes, 1)
+    n_down = len(c.ch_mult) - 1
+    if c.image_size % 2**n_down != 0:
+        raise ValueError(
+            f"NCSNppConfig.image_size={c.image_size} must be divisible by 2^(len(ch_mult)-1)"
+            f"={2**n_down}"
+        )
+    unused = sorted(set(c.attn_resolutions) - set(c.resolutions))
+    if unused:
+        raise ValueError(
+            f"NCSNppConfig.attn_resolutions {unused} match no level; the levels have sizes "
+            f"{list(c.resolutions)}"
+        )
+    if c.embedding_type == "positional" and c.nf < 4:
+        raise ValueError("NCSNppConfig.nf must be >= 4 for the sinusoidal embedding")
+    for mult in c.ch_mult:
+        _check_group_norm_channels(c.nf * mult, "nf * ch_mult")
+
+
+def _group_norm_groups(ch: int) -> int:
+    # score_sde's rule: 32 groups, fewer for thin layers (at least 4 channels per group).
+    return min(ch // 4, 32)
+
+
+def _check_group_norm_channels(ch: int, what: str) -> None:
+    g = _group_norm_groups(ch)
+    if g < 1 or ch % g != 0:
+        raise ValueError(
+            f"{what} = {ch} channels cannot be split into GroupNorm groups of min(C // 4, 32) = "
+            f"{g}; use a multiple of 4 (at most 128) or of 32"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (Song et al. 2021, table 3 / appendix H; score_sde configs for CIFAR-10)
+# --------------------------------------------------------------------------------------------
+
+
+def ncsnpp_cifar10() -> NCSNppConfig:
+    """NCSN++ cont. for the VE SDE on CIFAR-10: 4 levels x 4 BigGAN blocks, FIR, input pyramid."""
+    return NCSNppConfig(
+        nf=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        resamp_with_conv=True,
+        fir=True,
+        fir_kernel=(1, 3, 3, 1),
+        skip_rescale=True,
+        resblock_type="biggan",
+        progressive="none",
+        progressive_input="residual",
+        progressive_combine="sum",
+        embedding_type="fourier",
+        fourier_scale=16.0,
+        init_scale=0.0,
+        conv_size=3,
+        image_size=32,
+        num_channels=3,
+        centered=False,  # the VE configs feed data in [0, 1]
+        num_classes=None,
+        scale_by_sigma=True,
+    )
+
+
+def ddpmpp_cifar10() -> NCSNppConfig:
+    """DDPM++ cont. for the VP and sub-VP SDEs on CIFAR-10: no FIR, no pyramid, noise prediction."""
+    return dataclasses.replace(
+        ncsnpp_cifar10(),
+        fir=False,
+        progressive_input="none",
+        embedding_type="positional",
+        centered=True,
+        scale_by_sigma=False,
+    )
+
+
+def ncsnpp_deep_cifar10() -> NCSNppConfig:
+    """NCSN++ cont. (deep): :func:`ncsnpp_cifar10` with 8 residual blocks per level."""
+    return dataclasses.replace(ncsnpp_cifar10(), num_res_blocks=8)
+
+
+def ddpmpp_deep_cifar10() -> NCSNppConfig:
+    """DDPM++ cont. (deep): :func:`ddpmpp_cifar10` with 8 residual blocks per level."""
+    return dataclasses.replace(ddpmpp_cifar10(), num_res_blocks=8)
+
+
+def ncsnpp_small() -> NCSNppConfig:
+    """A small, fast NCSN++ for the VE SDE on CIFAR-10 (4.8M parameters, 2.1 GFLOP per image).
+
+    Same blocks as :func:`ncsnpp_cifar10` on 3 levels (32, 16, 8 px) of 64, 64 and 128
+    channels with 2 residual blocks each: an hours-scale run on one GPU, not a record FID.
+    """
+    return dataclasses.replace(ncsnpp_cifar10(), nf=64, ch_mult=(1, 1, 2), num_res_blocks=2)
+
+
+def ddpmpp_small() -> NCSNppConfig:
+    """A small, fast DDPM++ for the VP / sub-VP SDEs (same sizes as :func:`ncsnpp_small`)."""
+    return dataclasses.replace(ddpmpp_cifar10(), nf=64, ch_mult=(1, 1, 2), num_res_blocks=2)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; works on the meta device, where nothing is allocated."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _variance_scaling_(weight: Tensor, scale: float) -> Tensor:
+    """DDPM's initialiser: uniform with variance scale / fan_avg, fan_avg = (fan_in + fan_out) / 2.
+
+    That is Glorot-uniform with gain sqrt(scale). ``scale = 0`` becomes 1e-10 so that the layer
+    starts (almost) at zero but still receives gradients in every direction.
+    """
+    scale = 1e-10 if scale == 0 else scale
+    return nn.init.xavier_uniform_(weight, gain=math.sqrt(scale))
+
+
+def _conv(in_ch: int, out_ch: int, kernel_size: int, init_scale: float = 1.0, stride: int = 1,
+          padding: Optional[int] = None) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride,
+                     padding=kernel_size // 2 if padding is None else padding)
+    _variance_scaling_(conv.weight, init_scale)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _linear(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    _variance_scaling_(layer.weight, init_scale)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _group_norm(ch: int) -> nn.GroupNorm:
+    # Concatenated skips give sums such as 96 + 48 = 144 that the config check cannot see.
+    _check_group_norm_channels(ch, "NCSNpp: a GroupNorm input (e.g. features + concatenated skip)")
+    return nn.GroupNorm(_group_norm_groups(ch), ch, eps=1e-6)
+
+
+def _fir_kernel_2d(taps: Sequence[int], flip: bool = True) -> Tensor:
+    """Separable 2-D FIR kernel k k^T / sum(k)^2 (sums to one, so a constant stays constant).
+
+    Flipped so that ``conv2d`` (a correlation) applies the filter as a true convolution.
+    """
+    k = torch.tensor([float(v) for v in taps], dtype=torch.float64)
+    k2 = torch.outer(k, k)
+    k2 = k2 / k2.sum()
+    return k2.flip(0, 1) if flip else k2
+
+
+def fir_upsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
+    """Upsample by 2 with a FIR filter: insert zeros between pixels, then filter with 4 k.
+
+    For k = [1, 3, 3, 1] / 8 this is bilinear interpolation (half-pixel centres) away from the
+    border; outside the image the signal is taken as zero (as in StyleGAN2 / score_sde).
+
+    Args:
+        x: images ``[B, C, H, W]``.
+        kernel: normalised 2-D kernel ``[n, n]`` (n even), e.g. from ``_fir_kernel_2d``.
+
+    Returns:
+        ``[B, C, 2H, 2W]``.
+    """
+    C, n = x.shape[1], kernel.shape[-1]
+    # A transposed convolution with stride 2 is exactly "zero-insertion then filter"; the
+    # factor 4 restores the mean lost to the inserted zeros. Its kernel is not flipped.
+    w = (4.0 * kernel.flip(0, 1)).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    return F.conv_transpose2d(x, w, stride=2, padding=(n - 2) // 2, groups=C)
+
+
+def fir_downsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
+    """Downsample by 2 with a FIR filter: filter with k, keep every other pixel.
+
+    For k = [1, 3, 3, 1] / 8 this equals antialiased bilinear downsampling away from the border.
+
+    Args:
+        x: images ``[B, C, H, W]`` with even H, W.
+        kernel: normalised 2-D kernel ``[n, n]`` (n even).
+
+    Returns:
+        ``[B, C, H/2, W/2]``.
+    """
+    C, n = x.shape[1], kernel.shape[-1]
+    w = kernel.to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    return F.conv2d(x, w, stride=2, padding=(n - 2) // 2, groups=C)
+
+
+class Resample(nn.Module):
+    """Factor-2 up- or down-sampling, optionally fused with a learned conv (DDPM/StyleGAN2 layer).
+
+    * ``fir=False``: nearest-neighbour up / 2x2 average-pool down; with a conv, the conv follows
+      the upsampling, or is a stride-2 conv for downsampling (TensorFlow "SAME" padding).
+    * ``fir=True``: FIR resampling; with a conv, the FIR filter and the conv are fused as in
+      StyleGAN2 (padding applied once, the conv run at the low resolution when downsampling).
+    """
+
+    def __init__(self, mode: str, in_ch: int, out_ch: Optional[int] = None, with_conv: bool = False,
+                 fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1), conv_size: int = 3):
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+        out_ch = in_ch if out_ch is None else out_ch
+        if not with_conv and out_ch != in_ch:
+            raise ValueError("changing the channel count needs with_conv=True")
+        self.mode, self.with_conv, self.fir = mode, with_conv, fir
+        self.conv_size = conv_size
+        self.register_buffer("kernel", _fir_kernel_2d(fir_kernel).float(), persistent=False)
+        if with_conv:
+            # Stride-2 'SAME' conv (non-FIR down) pads on the right/bottom only.
+            padding = 0 if (mode == "down" or fir) else conv_size // 2
+            stride = 2 if (mode == "down" and not fir) else 1
+            self.conv = _conv(in_ch, out_ch, conv_size, stride=stride, padding=padding)
+
+    def forward(self, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
+        """``x [B, C, H, W] -> [B, out_ch, 2H, 2W]`` (up) or ``[B, out_ch, H/2, W/2]`` (down)."""
+        if self.mode == "up":
+            if not self.fir:
+                h = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                return self.conv(h) if self.with_conv else h
+            if not self.with_conv:
+                return fir_upsample_2d(x, self.kernel)
+            return _upsample_conv_2d(x, self.conv.weight, self.conv.bias, self.kernel)
+        if not self.fir:
+            if not self.with_conv:
+                return F.avg_pool2d(x, 2)
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        if not self.with_conv:
+            return fir_downsample_2d(x, self.kernel)
+        return _conv_downsample_2d(x, self.conv.weight, self.conv.bias, self.kernel)
+
+
+def _fir_filter(x: Tensor, kernel: Tensor, gain: float, padding: int) -> Tensor:
+    C, n = x.shape[1], kernel.shape[-1]
+    w = (gain * kernel).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    return F.conv2d(x, w, padding=padding, groups=C)
+
+
+def _conv_downsample_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: Tensor) -> Tensor:
+    """Conv followed by FIR downsampling, fused: filter once with enough padding, stride-2 conv.
+
+    Both steps are linear and shift-invariant, so their order is free; filtering first lets the
+    (expensive) conv run on the output grid only.
+    """
+    n, ks = kernel.shape[-1], weight.shape[-1]
+    h = _fir_filter(x, kernel, 1.0, padding=((n - 2) + (ks - 1)) // 2)
+    return F.conv2d(h, weight, bias, stride=2)
+
+
+def _upsample_conv_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: Tensor) -> Tensor:
+    """FIR upsampling followed by a conv, fused: a stride-2 transposed conv, then the FIR filter.
+
+    Away from the border this equals ``conv2d(fir_upsample_2d(x), weight, padding=ks // 2)``.
+    """
+    n, ks = kernel.shape[-1], weight.shape[-1]
+    # conv_transpose2d wants [in, out, kh, kw] and scatters without flipping, so flip the
+    # weight to obtain "zero-insertion then correlation with weight".
+    h = F.conv_transpose2d(x, weight.transpose(0, 1).flip(2, 3), stride=2)
+    # h has size 2H + ks - 2 (full correlation); the FIR filter brings it back to 2H.
+    pad = (n - 2 - (ks - 1)) // 2 + 1
+    h = _fir_filter(h, kernel, 4.0, padding=pad)
+    # The full correlation is offset by ks // 2 from the 'same' one; crop it away.
+    extra = h.shape[-1] - 2 * x.shape[-1]
+    if extra:
+        lo = extra // 2
+        h = h[..., lo:lo + 2 * x.shape[-2], lo:lo + 2 * x.shape[-1]]
+    return h if bias is None else h + bias.view(1, -1, 1, 1)
+
+
+def _ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """DDPM's sinusoidal embedding of a scalar (Ho et al. 2020; Vaswani et al. 2017).
+
+    ``emb = [sin(s w_0), ..., sin(s w_{h-1}), cos(s w_0), ..., cos(s w_{h-1})]``,
+    ``w_j = max_period^(-j / (h - 1))``, ``h = dim // 2``. The exponent's ``h - 1`` (so that
+    the lowest frequency is exactly 1 / max_period) is DDPM's; :class:`SinusoidalEmbedding`
+    divides by ``h``, so DDPM++ keeps this one to match the published models.
+
+    Shapes: ``s [B] -> [B, dim]`` (zero-padded when dim is odd).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / (half - 1)
+                      * torch.arange(half, dtype=s.dtype, device=s.device))
+    arg = s[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with a residual connection.
+
+    ``h = GroupNorm(x)``, ``q, k, v = W_q h, W_k h, W_v h`` (1x1 convs),
+    ``out = x + W_o softmax(q^T k / sqrt(C)) v`` (divided by sqrt(2) with ``skip_rescale``).
+
+    Shapes: ``x [B, C, H, W] -> [B, C, H, W]``. Computed with ``scaled_dot_product_attention``
+    (flash / memory-efficient kernels on GPU).
+    """
+
+    def __init__(self, ch: int, skip_rescale: bool = True, init_scale: float = 0.0):
+        super().__init__()
+        self.norm = _group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        # Initialise q, k, v like three separate C x C layers (DDPM's NIN, scale 0.1).
+        for w in self.qkv.weight.data.chunk(3, dim=0):
+            _variance_scaling_(w, 0.1)
+        nn.init.zeros_(self.qkv.bias)
+        self.proj = _conv(ch, ch, 1, init_scale=init_scale)
+        self.skip_rescale = skip_rescale
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # [B, 1 head, HW, C] each
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        h = self.proj(a.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
+        return (x + h) / _SQRT2 if self.skip_rescale else x + h
+
+
+class ResnetBlockBigGAN(nn.Module):
+    """BigGAN residual block with time conditioning (Brock et al. 2019; Song et al. 2021, app. H).
+
+    ``h = Conv(up/down(SiLU(GN(x)))) + Dense(SiLU(temb))``,
+    ``h = Conv(Dropout(SiLU(GN(h))))``, ``out = (skip(up/down(x)) + h) / sqrt(2)``.
+    The block resamples both branches itself (``up`` / ``down``), FIR-filtered if ``fir``;
+    ``skip`` is a 1x1 conv when the shape changes, else the identity.
+
+    Shapes: ``x [B, in_ch, H, W], temb [B, temb_dim] -> [B, out_ch, H', W']``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float = 0.1,
+                 skip_rescale: bool = True, init_scale: float = 0.0, up: bool = False,
+                 down: bool = False, fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1),
+                 conv_size: int = 3):
+        super().__init__()
+        if up and down:
+            raise ValueError("a block cannot both upsample and downsample")
+        out_ch = in_ch if out_ch is None else out_ch
+        self.up, self.down, self.fir, self.skip_rescale = up, down, fir, skip_rescale
+        self.norm0 = _group_norm(in_ch)
+        self.conv0 = _conv(in_ch, out_ch, conv_size)
+        self.temb_proj = _linear(temb_dim, out_ch)
+        self.norm1 = _group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _conv(out_ch, out_ch, conv_size, init_scale=init_scale)
+        self.skip = _conv(in_ch, out_ch, 1) if (in_ch != out_ch or up or down) else None
+        self.register_buffer("kernel", _fir_kernel_2d(fir_kernel).float(), persistent=False)
+
+    def _resample(self, x: Tensor) -> Tensor:
+        if self.up:
+            return fir_upsample_2d(x, self.kernel) if self.fir else F.interpolate(
+                x, scale_factor=2.0, mode="nearest")
+        if self.down:
+            return fir_downsample_2d(x, self.kernel) if self.fir else F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = F.silu(self.norm0(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv0(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / _SQRT2 if self.skip_rescale else x + h
+
+
+class ResnetBlockDDPM(nn.Module):
+    """DDPM residual block (Ho et al. 2020) with optional sqrt(2) skip rescaling.
+
+    As :class:`ResnetBlockBigGAN` without resampling; a channel change uses a 1x1 conv shortcut.
+    """
+
+    def __init__(self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float = 0.1,
+                 skip_rescale: bool = True, init_scale: float = 0.0, conv_size: int = 3):
+        super().__init__()
+        out_ch = in_ch if out_ch is None else out_ch
+        self.skip_rescale = skip_rescale
+        self.norm0 = _group_norm(in_ch)
+        self.conv0 = _conv(in_ch, out_ch, conv_size)
+        self.temb_proj = _linear(temb_dim, out_ch)
+        self.norm1 = _group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = _conv(out_ch, out_ch, conv_size, init_scale=init_scale)
+        self.skip = _conv(in_ch, out_ch, 1, init_scale=0.1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv0(F.silu(self.norm0(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / _SQRT2 if self.skip_rescale else x + h
+
+
+class _Combine(nn.Module):
+    """"input_skip": project the image pyramid with a 1x1 conv and add or concatenate it."""
+
+    def __init__(self, pyramid_ch: int, ch: int, method: str):
+        super().__init__()
+        self.conv = _conv(pyramid_ch, ch, 1)
+        self.method = method
+
+    def forward(self, pyramid: Tensor, h: Tensor) -> Tensor:
+        p = self.conv(pyramid)
+        return torch.cat([p, h], dim=1) if self.method == "cat" else p + h
+
+
+class _Level(nn.Module):
+    """The modules of one resolution of the U-Net (a plain container, run by NCSNpp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.resample: Optional[nn.Module] = None
+        self.pyramid: Optional[nn.Module] = None
+        self.pyramid_norm: Optional[nn.Module] = None
+        self.pyramid_conv: Optional[nn.Module] = None
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+MarginalStd = Union[Callable[[Tensor], Tensor], Any]
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ / DDPM++ score network ``score(x, t)`` (Song et al. 2021, section 4.4, app. H).
+
+    The raw U-Net ``F(x, c)`` (:meth:`network`) is turned into a score with the marginal
+    standard deviation s(t) of the SDE:
+
+    * ``scale_by_sigma=True`` (NCSN++, VE): ``c = log s(t)`` and ``score = F / s(t)``;
+    * ``scale_by_sigma=False`` (DDPM++, VP / sub-VP): ``c = 999 t`` (positional) or
+      ``log s(t)`` (fourier), F predicts the noise z and ``score = -F / s(t)``
+      (``x_t = m(t) x_0 + s(t) z`` so grad log p(x_t | x_0) = -z / s(t)).
+
+    Args:
+        config: the architecture (:class:`NCSNppConfig`).
+        marginal_std: ``t [B] -> s(t) [B]``, or an SDE object from :mod:`minisgm.sde` (its
+            ``marginal_coeffs(t)[1]`` is used). Needed by :meth:`forward` only; without it the
+            model still offers :meth:`network` (e.g. for counting parameters).
+
+    Shapes: ``x [B, num_channels, image_size, image_size]``, ``t [B]`` (or a scalar) in [0, 1],
+    ``class_labels [B]`` (long, when ``config.num_classes`` is set) -> score like x.
+    """
+
+    def __init__(self, config: NCSNppConfig, marginal_std: Optional[MarginalStd] = None):
+        super().__init__()
+        if not isinstance(config, NCSNppConfig):
+            raise TypeError(f"config must be an NCSNppConfig, got {type(config).__name__}")
+        _validate_config(config)  # the dataclass may have been mutated after construction
+        if marginal_std is not None and hasattr(marginal_std, "marginal_coeffs"):
+            sde = marginal_std
+            marginal_std = lambda t: sde.marginal_coeffs(t)[1]  # noqa: E731
+        if marginal_std is not None and not callable(marginal_std):
+            raise TypeError("marginal_std must be a callable t -> std or an SDE with marginal_coeffs")
+        self.config = config
+        self.marginal_std = marginal_std
+        c = config
+        nf, ks = c.nf, c.conv_size
+        temb_dim = 4 * nf
+
+        # Noise-level embedding, then a 2-layer MLP (shared by all blocks).
+        if c.embedding_type == "fourier":
+            # nf random frequencies W ~ N(0, fourier_scale^2), fixed (a buffer).
+            self.fourier = GaussianFourierProjection(2 * nf, c.fourier_scale)
+            embed_dim = 2 * nf
+        else:
+            self.fourier = None
+            embed_dim = nf
+        self.temb_mlp = nn.Sequential(_linear(embed_dim, temb_dim), nn.SiLU(),
+                                      _linear(temb_dim, temb_dim))
+        self.class_embed = nn.Embedding(c.num_classes, temb_dim) if c.num_classes else None
+
+        def resblock(in_ch: int, out_ch: Optional[int] = None, up: bool = False,
+                     down: bool = False) -> nn.Module:
+            if c.resblock_type == "ddpm":
+                return ResnetBlockDDPM(in_ch, out_ch, temb_dim, c.dropout, c.skip_rescale,
+                                       c.init_scale, ks)
+            return ResnetBlockBigGAN(in_ch, out_ch, temb_dim, c.dropout, c.skip_rescale,
+                                     c.init_scale, up=up, down=down, fir=c.fir,
+                                     fir_kernel=c.fir_kernel, conv_size=ks)
+
+        def attention(ch: int) -> nn.Module:
+            return AttentionBlock(ch, c.skip_rescale, c.init_scale)
+
+        resolutions = c.resolutions
+        n_levels = len(c.ch_mult)
+        C_img = c.num_channels
+
+        # ---- down path ---------------------------------------------------------------------
+        self.conv_in = _conv(C_img, nf, ks)
+        skip_channels = [nf]  # channels of every tensor pushed on the skip stack
+        in_ch = nf
+        pyramid_ch = C_img
+        self.down = nn.ModuleList()
+        for i in range(n_levels):
+            level = _Level()
+            for _ in range(c.num_res_blocks):
+                out_ch = nf * c.ch_mult[i]
+                level.blocks.append(resblock(in_ch, out_ch))
+                in_ch = out_ch
+                if resolutions[i] in c.attn_resolutions:
+                    level.attn.append(attention(in_ch))
+                skip_channels.append(in_ch)
+            if i != n_levels - 1:
+                if c.resblock_type == "ddpm":
+                    level.resample = Resample("down", in_ch, with_conv=c.resamp_with_conv,
+                                              fir=c.fir, fir_kernel=c.fir_kernel, conv_size=ks)
+                else:
+                    level.resample = resblock(in_ch, down=True)
+                if c.progressive_input == "input_skip":
+                    level.pyramid = _Combine(pyramid_ch, in_ch, c.progressive_combine)
+                    if c.progressive_combine == "cat":
+                        in_ch *= 2
+                elif c.progressive_input == "residual":
+                    level.pyramid = Resample("down", pyramid_ch, in_ch, with_conv=True, fir=c.fir,
+                                             fir_kernel=c.fir_kernel, conv_size=ks)
+                    pyramid_ch = in_ch
+                skip_channels.append(in_ch)
+            self.down.append(level)
+        if c.progressive_input == "input_skip":
+            self.pyramid_down = Resample("down", C_img, fir=c.fir, fir_kernel=c.fir_kernel)
+
+        # ---- middle --------------------------------------------------------------------------
+        in_ch = skip_channels[-1]
+        self.mid_block1 = resblock(in_ch)
+        self.mid_attn = attention(in_ch)
+        self.mid_block2 = resblock(in_ch)
+
+        # ---- up path (lowest resolution first) ------------------------------------------------
+        self.up = nn.ModuleList()
+        pyramid_ch = 0
+        for i in reversed(range(n_levels)):
+            level = _Level()
+            for _ in range(c.num_res_blocks + 1):
+                out_ch = nf * c.ch_mult[i]
+                level.blocks.append(resblock(in_ch + skip_channels.pop(), out_ch))
+                in_ch = out_ch
+            if resolutions[i] in c.attn_resolutions:
+                level.attn.append(attention(in_ch))
+            if c.progressive != "none":
+                if c.progressive == "output_skip":
+                    level.pyramid_norm = _group_norm(in_ch)
+                    level.pyramid_conv = _conv(in_ch, C_img, ks, init_scale=c.init_scale)
+                    pyramid_ch = C_img
+                elif i == n_levels - 1:  # "residual", first (coarsest) level
+                    level.pyramid_norm = _group_norm(in_ch)
+                    level.pyramid_conv = _conv(in_ch, in_ch, ks)
+                    pyramid_ch = in_ch
+                else:  # "residual"
+                    level.pyramid = Resample("up", pyramid_ch, in_ch, with_conv=True, fir=c.fir,
+                                             fir_kernel=c.fir_kernel, conv_size=ks)
+                    pyramid_ch = in_ch
+            if i != 0:
+                if c.resblock_type == "ddpm":
+                    level.resample = Resample("up", in_ch, with_conv=c.resamp_with_conv,
+                                              fir=c.fir, fir_kernel=c.fir_kernel, conv_size=ks)
+                else:
+                    level.resample = resblock(in_ch, up=True)
+            self.up.append(level)
+        assert not skip_channels
+        if c.progressive == "output_skip":
+            self.pyramid_up = Resample("up", C_img, fir=c.fir, fir_kernel=c.fir_kernel)
+            self.norm_out, self.conv_out = None, None
+        else:
+            self.norm_out = _group_norm(in_ch)
+            self.conv_out = _conv(in_ch, C_img, ks, init_scale=c.init_scale)
+
+    # ------------------------------------------------------------------------------------------
+
+    def noise_label(self, t: Tensor, std: Tensor) -> Tensor:
+        """The scalar the network is conditioned on: log s(t) (fourier) or 999 t (positional)."""
+        return torch.log(std) if self.config.embedding_type == "fourier" else 999.0 * t
+
+    def network(self, x: Tensor, c_noise: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+        """The raw U-Net output ``F(x, c_noise)`` (no scaling by s(t)).
+
+        Args:
+            x: ``[B, num_channels, image_size, image_size]``.
+            c_noise: ``[B]`` noise label (see :meth:`noise_label`).
+            class_labels: ``[B]`` long class indices when ``config.num_classes`` is set.
+
+        Returns:
+            ``[B, num_channels, image_size, image_size]``.
+        """
+        c = self.config
+        self._check_inputs(x, class_labels)
+        if c_noise.shape != (x.shape[0],):
+            raise ValueError(f"c_noise must have shape [B]=[{x.shape[0]}], got {list(c_noise.shape)}")
+
+        if self.fourier is not None:
+            emb = self.fourier(c_noise)
+        else:
+            emb = _ddpm_sinusoidal_embedding(c_noise, c.nf)
+        temb = self.temb_mlp(emb.to(x.dtype))
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(class_labels)
+
+        if not c.centered:
+            x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
+
+        pyramid = x if c.progressive_input != "none" else None
+        hs = [self.conv_in(x)]
+        for level in self.down:
+            for j, block in enumerate(level.blocks):
+                h = block(hs[-1], temb)
+                if len(level.attn):
+                    h = level.attn[j](h)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(hs[-1], temb)
+                if c.progressive_input == "input_skip":
+                    pyramid = self.pyramid_down(pyramid)
+                    h = level.pyramid(pyramid, h)
+                elif c.progressive_input == "residual":
+                    pyramid = level.pyramid(pyramid)
+                    pyramid = (pyramid + h) / _SQRT2 if c.skip_rescale else pyramid + h
+                    h = pyramid
+                hs.append(h)
+
+        h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)
+
+        out_pyramid = None
+        for k, level in enumerate(self.up):
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+            if len(level.attn):
+                h = level.attn[0](h)
+            if c.progressive == "output_skip":
+                p = level.pyramid_conv(F.silu(level.pyramid_norm(h)))
+                out_pyramid = p if out_pyramid is None else self.pyramid_up(out_pyramid) + p
+            elif c.progressive == "residual":
+                if k == 0:
+                    out_pyramid = level.pyramid_conv(F.silu(level.pyramid_norm(h)))
+                else:
+                    out_pyramid = level.pyramid(out_pyramid)
+                    out_pyramid = ((out_pyramid + h) / _SQRT2 if c.skip_rescale
+                                   else out_pyramid + h)
+                    h = out_pyramid
+            if level.resample is not None:
+                h = level.resample(h, temb)
+
+        if c.progressive == "output_skip":
+            return out_pyramid
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, x: Tensor, t: Union[Tensor, float],
+                class_labels: Optional[Tensor] = None) -> Tensor:
+        """The score ``grad_x log p_t(x)`` (Song et al. 2021, eq. 7's s_theta(x, t)).
+
+        ``score = F(x, c(t)) / s(t)`` if ``scale_by_sigma`` else ``-F(x, c(t)) / s(t)``.
+
+        Args:
+            x: ``[B, C, H, W]`` noised images.
+            t: ``[B]`` times in [0, 1] (a scalar is broadcast); s(t) must be positive.
+            class_labels: ``[B]`` long, required iff ``config.num_classes`` is set.
+
+        Returns:
+            The score, shaped and typed like ``x`` (also under autocast).
+        """
+        if self.marginal_std is None:
+            raise ValueError(
+                "NCSNpp.forward needs the marginal std s(t): build the model as "
+                "NCSNpp(config, marginal_std=sde) (or a callable t -> s(t)), or call "
+                "model.network(x, c_noise) for the raw output"
+            )
+        if not torch.is_tensor(x):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        t = batch_time(t, x)
+        std = self.marginal_std(t)
+        if not torch.is_tensor(std) or std.shape != t.shape:
+            raise ValueError(f"marginal_std(t) must return a [B] tensor, got "
+                             f"{getattr(std, 'shape', type(std))}")
+        if not torch.compiler.is_compiling() and std.numel() and float(std.min()) <= 0:
+            raise ValueError(
+                "s(t) must be positive: the score is undefined where the marginal std is 0 "
+                "(use t >= sde.eps)"
+            )
+        out = self.network(x, self.noise_label(t, std), class_labels).to(x.dtype)
+        std = std.to(x.dtype).view(-1, 1, 1, 1)
+        return out / std if self.config.scale_by_sigma else -out / std
+
+    def _check_inputs(self, x: Tensor, class_labels: Optional[Tensor]) -> None:
+        c = self.config
+        expected = (c.num_channels, c.image_size, c.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if self.class_embed is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional model (num_classes=None)")
+            return
+        if class_labels is None:
+            raise ValueError(f"this model is class-conditional (num_classes={c.num_classes}): "
+                             f"pass class_labels [B]")
+        if class_labels.shape != (x.shape[0],) or class_labels.dtype != torch.long:
+            raise ValueError(f"class_labels must be a long tensor of shape [{x.shape[0]}], got "
+                             f"{class_labels.dtype} {list(class_labels.shape)}")
+        if not torch.compiler.is_compiling() and class_labels.numel():
+            lo, hi = int(class_labels.min()), int(class_labels.max())
+            if lo < 0 or hi >= c.num_classes:
+                raise ValueError(f"class_labels must lie in [0, {c.num_classes - 1}], got "
+                                 f"[{lo}, {hi}]")
