@@ -19,11 +19,13 @@ Time grid (all fixed-step samplers): ``n_steps + 1`` equally spaced times
     t_i = T - i (T - eps) / n_steps,   i = 0, ..., n_steps,
 
 so ``t_0 = T = 1`` and ``t_N = eps`` (``sde.eps`` unless given). Step ``i`` moves the state
-from ``t_i`` to ``t_{i+1}`` with ``dt = (T - eps) / n_steps`` and evaluates the score at
-``t_i``. The state starts at ``x_{t_0} ~ p_T`` (``sde.prior_sample``) unless ``x_init`` is
-given. With ``denoise=True`` the noise of the last step is dropped: the sampler returns the
-step's mean, e.g. ``x + (sigma_1^2 - sigma_eps^2) score`` for VE -- the usual final
-denoising (Song et al. 2021, app. G; Jolicoeur-Martineau et al. 2021).
+from ``t_i`` to ``t_{i+1}`` with ``dt = (T - eps) / n_steps``; a predictor evaluates the
+score at ``t_i``, a corrector at ``t_{i+1}``. The state starts at ``x_{t_0} ~ p_T``
+(``sde.prior_sample``) unless ``x_init`` is given. With ``denoise=True`` the noise of the
+last update is dropped and its mean returned (e.g. for VE ancestral sampling
+``x + (s(t_{N-1})^2 - s(eps)^2) score(x, t_{N-1})``): the usual final denoising, which
+removes noise the score can no longer correct (Song et al. 2021, app. G;
+Jolicoeur-Martineau et al. 2021).
 
 Samplers only call the SDE's methods (``drift``, ``diffusion``, ``discretize``,
 ``marginal_coeffs``, ``reverse``, ``prior_sample``), so a new SDE needs no sampler change.
