@@ -9,7 +9,6 @@ the resolutions are 8x8 and 4x4 (16 attention tokens). Book: :ref:`sec-unet`.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
