@@ -23,3 +23,33 @@ def cifar10_archive(tmp_path):
     batches = cifar_archive.make_cifar_like(n_per_batch=4, seed=0)
     path = cifar_archive.write_cifar10_archive(tmp_path / "cifar-10-python.tar.gz", cifar_archive.member_bytes(batches))
     return path, batches
+
+
+# ----- training entry points (tests/test_train.py, test_cli.py) ------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+#: Overrides that make the default digits preset train in a second or two.
+TINY_DIGITS = [
+    "--model.nf", "8", "--model.embed_dim", "16", "--train.batch_size", "16",
+    "--train.n_steps", "4", "--train.log_every", "2", "--train.ckpt_every", "2",
+    "--train.sample_every", "4", "--sample.n_steps", "5", "--sample.n_samples", "4", "--no-progress",
+]
+
+
+def run_module(module: str, *args: str, timeout: float = 240, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in a subprocess with one CPU thread; returns the result."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=e
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory):
+    """A run folder of ``python -m minisgm.train`` (digits_vp, tiny overrides, 4 steps). Do not modify."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    res = run_module("minisgm.train", "--run-dir", str(run_dir), *TINY_DIGITS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
