@@ -107,6 +107,11 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
         state = torch.load(p, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights only load failed" in str(err).lower() and "unsupported global" in str(err).lower():
+            raise CheckpointError(
+                f"refusing {p}: it holds pickled objects other than tensors and plain containers "
+                "(not written by minisgm; loading it could run code)"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or corrupt ({msg})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a minisgm checkpoint (no format={FORMAT!r} entry)")
