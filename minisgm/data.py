@@ -152,7 +152,10 @@ class GaussianMixture:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        k = torch.multinomial(self.weights.to(gen_device), n, replacement=True, generator=generator)
+        if n == 0:  # torch.multinomial rejects n = 0
+            k = torch.zeros(0, dtype=torch.long, device=gen_device)
+        else:
+            k = torch.multinomial(self.weights.to(gen_device), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, device=gen_device, dtype=torch.float64)
         chol = torch.linalg.cholesky(self.covs).to(gen_device)
         x = self.means.to(gen_device)[k] + (chol[k] @ z[:, :, None])[..., 0]
@@ -469,8 +472,6 @@ def eight_gaussians(
     """Samples ``[n, 2]`` of :func:`eight_gaussians_mixture` ``(radius, std)``."""
     n = _check_n(n)
     gmm = eight_gaussians_mixture(radius, std)
-    if n == 0:  # GaussianMixture.sample draws with torch.multinomial, which rejects n = 0
-        return torch.empty(0, 2, device=device if device is not None else _rand_device(generator), dtype=dtype)
     x = gmm.sample(n, generator=generator, dtype=torch.float64)
     return _finish(x, device, dtype)
 

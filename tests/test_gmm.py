@@ -78,6 +78,7 @@ def test_sampling_is_reproducible_with_a_generator():
     a = g.sample(100, generator=torch.Generator().manual_seed(7))
     b = g.sample(100, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+    assert g.sample(0).shape == (0, 2)
 
 
 @pytest.mark.parametrize("make", [iso_mixture, full_mixture])
