@@ -262,23 +262,29 @@ def test_fir_1331_is_bilinear_resampling_inside():
     torch.testing.assert_close(down[..., 1:-1, 1:-1], ref_down[..., 1:-1, 1:-1])
 
 
-def test_fused_fir_conv_equals_separate_resample_then_conv_inside():
+@pytest.mark.parametrize("taps", [(1, 1), (1, 3, 3, 1), (1, 5, 10, 10, 5, 1)])
+@pytest.mark.parametrize("conv_size", [1, 3, 5])
+def test_fused_fir_conv_equals_separate_resample_then_conv_inside(taps, conv_size):
+    """StyleGAN2's fused layers = FIR up then conv / conv then FIR down, away from the border."""
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
-    up = nn_.Resample("up", 4, 6, with_conv=True, fir=True).double()
-    down = nn_.Resample("down", 4, 6, with_conv=True, fir=True).double()
-    k = up.kernel.double()
+    x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
+    kw = dict(with_conv=True, fir=True, fir_kernel=taps, conv_size=conv_size)
+    up = nn_.Resample("up", 4, 6, **kw).double()
+    down = nn_.Resample("down", 4, 6, **kw).double()
+    k, p, r = up.kernel.double(), conv_size // 2, len(taps) + conv_size
     with torch.no_grad():
         for m in (up, down):
             m.conv.bias.normal_()
         a = up(x)
-        b = F.conv2d(nn_.fir_upsample_2d(x, k), up.conv.weight, up.conv.bias, padding=1)
-        assert a.shape == b.shape == (2, 6, 24, 24)
-        torch.testing.assert_close(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2])
+        b = F.conv2d(nn_.fir_upsample_2d(x, k), up.conv.weight, up.conv.bias, padding=p)
+        assert a.shape == b.shape == (2, 6, 64, 64)
+        torch.testing.assert_close(a[..., r:-r, r:-r], b[..., r:-r, r:-r])
         a = down(x)
-        b = nn_.fir_downsample_2d(F.conv2d(x, down.conv.weight, down.conv.bias, padding=1), k)
-        assert a.shape == b.shape == (2, 6, 6, 6)
-        torch.testing.assert_close(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1])
+        b = nn_.fir_downsample_2d(F.conv2d(x, down.conv.weight, down.conv.bias, padding=p), k)
+        assert a.shape == b.shape == (2, 6, 16, 16)
+        q = r // 2 + 1
+        assert a[..., q:-q, q:-q].numel() > 0
+        torch.testing.assert_close(a[..., q:-q, q:-q], b[..., q:-q, q:-q])
 
 
 def test_ddpm_sinusoidal_embedding_frequencies():

@@ -440,14 +440,12 @@ def _upsample_conv_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel:
     # conv_transpose2d wants [in, out, kh, kw] and scatters without flipping, so flip the
     # weight to obtain "zero-insertion then correlation with weight".
     h = F.conv_transpose2d(x, weight.transpose(0, 1).flip(2, 3), stride=2)
-    # h has size 2H + ks - 2 (full correlation); the FIR filter brings it back to 2H.
-    pad = (n - 2 - (ks - 1)) // 2 + 1
-    h = _fir_filter(h, kernel, 4.0, padding=pad)
-    # The full correlation is offset by ks // 2 from the 'same' one; crop it away.
-    extra = h.shape[-1] - 2 * x.shape[-1]
-    if extra:
-        lo = extra // 2
-        h = h[..., lo:lo + 2 * x.shape[-2], lo:lo + 2 * x.shape[-1]]
+    # h has the full size 2H + ks - 2; filtering with (n - 1 - ks) / 2 + 1 zeros of padding per
+    # side (n even, ks odd) brings it back to 2H, centred like the 'same' conv.
+    pad = (n - 1 - ks) // 2 + 1
+    if pad < 0:  # a conv wider than the FIR filter: crop instead of padding
+        h = h[..., -pad:pad, -pad:pad]
+    h = _fir_filter(h, kernel, 4.0, padding=max(pad, 0))
     return h if bias is None else h + bias.view(1, -1, 1, 1)
 
 
