@@ -190,6 +190,42 @@ def test_class_conditioning():
         build(tiny(), VESDE())(x, t, y0)
 
 
+def test_zero_init_scale_starts_every_block_as_identity():
+    """init_scale = 0: each block's last layer starts at ~0, so blocks pass the skip through.
+
+    Then the whole network's output (its last conv also uses init_scale) is ~0 at init, the
+    score starts at 0, and with skip_rescale the features keep unit scale.
+    """
+    cfg = tiny(init_scale=0.0)
+    model = build(cfg, VESDE())
+    x, t = batch(cfg)
+    with torch.no_grad():
+        assert model.network(x, t).abs().max() < 1e-3
+        block = model.down[0].blocks[0]
+        h = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+        temb = torch.randn(2, 64, dtype=torch.float64)
+        torch.testing.assert_close(block(h, temb), h / math.sqrt(2), atol=1e-3, rtol=0)
+
+
+def test_state_dict_round_trip_weights_only_and_deepcopy(tmp_path):
+    import copy
+
+    cfg = tiny()
+    model = build(cfg, VESDE())
+    keys = model.state_dict().keys()
+    assert "fourier.W" in keys  # the random frequencies are part of the model
+    assert not any(k.endswith("kernel") for k in keys)  # FIR taps come from the config
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    other = build(cfg, VESDE(), seed=123)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    ema = copy.deepcopy(model)  # what an EMA copy does
+    x, t = batch(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, t), model(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(ema(x, t), model(x, t), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------
 # Layers against independent references
 # ------------------------------------------------------------------------------------------
@@ -334,6 +370,30 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["ncsnpp", "ddpmpp"])
+def test_cuda_fp32_and_bf16_match_cpu_float64(name):
+    cfg = VARIANTS[name]
+    sde = VESDE() if cfg.scale_by_sigma else VPSDE()
+    ref_model = build(cfg, sde, torch.float64)
+    x, t = batch(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        ref = ref_model(x, t)
+        model = build(cfg, sde, torch.float32).cuda().to(memory_format=torch.channels_last)
+        xc = x.float().cuda().contiguous(memory_format=torch.channels_last)
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            out = model(xc, t.float().cuda()).double().cpu()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out16 = model(xc, t.float().cuda()).double().cpu()
+    assert (out16 - ref).norm() / ref.norm() < 3e-2
 
 
 # ------------------------------------------------------------------------------------------
