@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
 
@@ -125,7 +126,11 @@ def load_inception(device: torch.device | str = "cpu", path: Optional[os.PathLik
     """The FID feature network on ``device`` (``FileNotFoundError`` with install hints if missing)."""
     p = Path(path) if path is not None else inception_weights_path()
     try:
-        net = torch.jit.load(str(p), map_location=device)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates TorchScript loading in favour of torch.export; the weights
+            # ship only as TorchScript, and loading still works.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(p), map_location=device)
     except (RuntimeError, ValueError) as err:
         raise RuntimeError(f"cannot load the Inception TorchScript file {p}: {err}") from None
     return InceptionFeatures(net.eval()).to(device)

@@ -92,17 +92,21 @@ def test_unknown_preset_lists_close_matches():
         get_preset("digit_vp")
 
 
-def test_cli_errors_exit_2_before_any_work(tmp_path):
+def test_cli_errors_exit_2_before_any_work(tmp_path, capsys):
     run_dir = tmp_path / "run"
+    res = run_module("minisgm.train", "--run-dir", str(run_dir), "--train.lrr", "1e-4", timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "Did you mean: --train.lr" in res.stderr and "Traceback" not in res.stderr
     for args, needle in [
-        (["--train.lrr", "1e-4"], "Did you mean: --train.lr"),
         (["--train.lr", "abc"], "expects a float"),
         (["--preset", "cifar_small"], "cifar10_small"),
+        (["--resume", str(tmp_path / "nothing")], "no config.json"),
     ]:
-        res = run_module("minisgm.train", "--run-dir", str(run_dir), *args, timeout=120)
-        assert res.returncode == 2, res.stderr
-        assert needle in res.stderr
-        assert not run_dir.exists()  # nothing was written: the error came before any work
+        with pytest.raises(SystemExit) as e:
+            resolve_config(["--run-dir", str(run_dir), *args])
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
+    assert not run_dir.exists()  # nothing was written: the errors came before any work
 
 
 def test_resolve_config_and_help_config(capsys):
