@@ -267,7 +267,7 @@ def test_attention_init_matches_three_separate_layers():
 
 
 def test_fir_resampling_of_a_constant_is_constant_inside_and_mean_preserving():
-    k = nn_._fir_kernel_2d((1, 3, 3, 1))
+    k = nn_.fir_kernel_2d((1, 3, 3, 1))
     x = torch.full((2, 3, 8, 8), 2.5, dtype=torch.float64)
     up = nn_.fir_upsample_2d(x, k)
     down = nn_.fir_downsample_2d(x, k)
@@ -285,9 +285,40 @@ def test_fir_resampling_of_a_constant_is_constant_inside_and_mean_preserving():
     torch.testing.assert_close(nn_.fir_downsample_2d(z, k).sum(), z.sum() / 4)
 
 
+def _upfirdn_1d_axis(x: torch.Tensor, k: list, up: int, down: int, pad: tuple, axis: int) -> torch.Tensor:
+    """StyleGAN2's upfirdn along one axis, literally: zero-insert, pad, convolve, subsample."""
+    import numpy as np
+
+    a = np.moveaxis(x.numpy(), axis, -1)
+    n = a.shape[-1]
+    u = np.zeros(a.shape[:-1] + (n * up,))
+    u[..., ::up] = a
+    u = np.concatenate([np.zeros(a.shape[:-1] + (pad[0],)), u, np.zeros(a.shape[:-1] + (pad[1],))], -1)
+    out = np.apply_along_axis(lambda r: np.convolve(r, np.asarray(k, float), mode="valid"), -1, u)
+    return torch.from_numpy(np.moveaxis(out[..., ::down], -1, axis).copy())
+
+
+@pytest.mark.parametrize("taps", [(1, 3, 3, 1), (1, 2), (2, 1, 0, 3)])
+def test_fir_resampling_equals_upfirdn_definition(taps):
+    """Asymmetric taps pin down the orientation (convolution, not correlation) and alignment."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    k = nn_.fir_kernel_2d(taps)
+    k1 = [v / sum(taps) for v in taps]
+    p = len(taps) - 2
+    up = x
+    for axis in (2, 3):  # separable: filter rows, then columns (gain 2 per axis = 4 in total)
+        up = _upfirdn_1d_axis(up, [2 * v for v in k1], 2, 1, ((p + 1) // 2 + 1, p // 2), axis)
+    torch.testing.assert_close(nn_.fir_upsample_2d(x, k), up)
+    down = x
+    for axis in (2, 3):
+        down = _upfirdn_1d_axis(down, k1, 1, 2, ((p + 1) // 2, p // 2), axis)
+    torch.testing.assert_close(nn_.fir_downsample_2d(x, k), down)
+
+
 def test_fir_1331_is_bilinear_resampling_inside():
     """[1, 3, 3, 1] up = bilinear interpolation, down = antialiased bilinear (interior pixels)."""
-    k = nn_._fir_kernel_2d((1, 3, 3, 1))
+    k = nn_.fir_kernel_2d((1, 3, 3, 1))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 10, 10, generator=g, dtype=torch.float64)
     up = nn_.fir_upsample_2d(x, k)

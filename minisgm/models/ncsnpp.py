@@ -61,6 +61,7 @@ __all__ = [
     "ncsnpp_small",
     "ddpmpp_small",
     "count_parameters",
+    "fir_kernel_2d",
     "fir_upsample_2d",
     "fir_downsample_2d",
     "AttentionBlock",
@@ -322,15 +323,14 @@ def _group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(_group_norm_groups(ch), ch, eps=1e-6)
 
 
-def _fir_kernel_2d(taps: Sequence[int], flip: bool = True) -> Tensor:
-    """Separable 2-D FIR kernel k k^T / sum(k)^2 (sums to one, so a constant stays constant).
+def fir_kernel_2d(taps: Sequence[float]) -> Tensor:
+    """Separable 2-D FIR kernel ``k k^T / sum(k)^2`` (sums to one: a constant stays constant).
 
-    Flipped so that ``conv2d`` (a correlation) applies the filter as a true convolution.
+    Shapes: ``taps`` of length n -> ``[n, n]`` float64 (modules keep a float32 buffer copy).
     """
     k = torch.tensor([float(v) for v in taps], dtype=torch.float64)
     k2 = torch.outer(k, k)
-    k2 = k2 / k2.sum()
-    return k2.flip(0, 1) if flip else k2
+    return k2 / k2.sum()
 
 
 def fir_upsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
@@ -341,15 +341,16 @@ def fir_upsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
 
     Args:
         x: images ``[B, C, H, W]``.
-        kernel: normalised 2-D kernel ``[n, n]`` (n even), e.g. from ``_fir_kernel_2d``.
+        kernel: normalised 2-D kernel ``[n, n]`` (n even) from :func:`fir_kernel_2d`.
 
     Returns:
         ``[B, C, 2H, 2W]``.
     """
     C, n = x.shape[1], kernel.shape[-1]
-    # A transposed convolution with stride 2 is exactly "zero-insertion then filter"; the
-    # factor 4 restores the mean lost to the inserted zeros. Its kernel is not flipped.
-    w = (4.0 * kernel.flip(0, 1)).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    # A transposed convolution with stride 2 is exactly "zero-insertion then convolve": it
+    # scatters x[i] * k[j] to 2i + j, a true convolution, so k is not flipped. The factor 4
+    # restores the mean lost to the inserted zeros.
+    w = (4.0 * kernel).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
     return F.conv_transpose2d(x, w, stride=2, padding=(n - 2) // 2, groups=C)
 
 
@@ -360,13 +361,14 @@ def fir_downsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
 
     Args:
         x: images ``[B, C, H, W]`` with even H, W.
-        kernel: normalised 2-D kernel ``[n, n]`` (n even).
+        kernel: normalised 2-D kernel ``[n, n]`` (n even) from :func:`fir_kernel_2d`.
 
     Returns:
         ``[B, C, H/2, W/2]``.
     """
     C, n = x.shape[1], kernel.shape[-1]
-    w = kernel.to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    # conv2d correlates; flipping the kernel makes it the convolution of the definition.
+    w = kernel.flip(0, 1).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
     return F.conv2d(x, w, stride=2, padding=(n - 2) // 2, groups=C)
 
 
@@ -389,7 +391,7 @@ class Resample(nn.Module):
             raise ValueError("changing the channel count needs with_conv=True")
         self.mode, self.with_conv, self.fir = mode, with_conv, fir
         self.conv_size = conv_size
-        self.register_buffer("kernel", _fir_kernel_2d(fir_kernel).float(), persistent=False)
+        self.register_buffer("kernel", fir_kernel_2d(fir_kernel).float(), persistent=False)
         if with_conv:
             # Stride-2 'SAME' conv (non-FIR down) pads on the right/bottom only.
             padding = 0 if (mode == "down" or fir) else conv_size // 2
@@ -416,7 +418,7 @@ class Resample(nn.Module):
 
 def _fir_filter(x: Tensor, kernel: Tensor, gain: float, padding: int) -> Tensor:
     C, n = x.shape[1], kernel.shape[-1]
-    w = (gain * kernel).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
+    w = (gain * kernel.flip(0, 1)).to(dtype=x.dtype, device=x.device).expand(C, 1, n, n)
     return F.conv2d(x, w, padding=padding, groups=C)
 
 
@@ -524,7 +526,7 @@ class ResnetBlockBigGAN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv(out_ch, out_ch, conv_size, init_scale=init_scale)
         self.skip = _conv(in_ch, out_ch, 1) if (in_ch != out_ch or up or down) else None
-        self.register_buffer("kernel", _fir_kernel_2d(fir_kernel).float(), persistent=False)
+        self.register_buffer("kernel", fir_kernel_2d(fir_kernel).float(), persistent=False)
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.up:
