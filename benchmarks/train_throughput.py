@@ -42,6 +42,7 @@ MODES = ["fp32", "bf16", "bf16+compile"]
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
 BF16_PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM
     ("H200", 989.0),
     ("A100", 312.0),
