@@ -1,5 +1,5 @@
 """Score networks: time / noise embeddings, MLPs for vector data, a small U-Net for 8x8 images,
-and noise-conditional classifiers for guidance. Book: :ref:`sec-score-networks`.
+noise-conditional classifiers for guidance, and the NCSN++/DDPM++ U-Nets for CIFAR-10. Book: :ref:`sec-score-networks`.
 
 Every score network is called as ``model(x, t)`` (plus ``y`` when class-conditional) and
 fits the package-wide score signature ``score(x [B, ...], t [B]) -> tensor like x``.
@@ -8,6 +8,16 @@ fits the package-wide score signature ``score(x [B, ...], t [B]) -> tensor like 
 from .classifier import TimeConditionedClassifier
 from .embeddings import ClassEmbedding, GaussianFourierProjection, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP, ScoreMLP
+from .ncsnpp import (
+    NCSNpp,
+    NCSNppConfig,
+    ddpmpp_cifar10,
+    ddpmpp_deep_cifar10,
+    ddpmpp_small,
+    ncsnpp_cifar10,
+    ncsnpp_deep_cifar10,
+    ncsnpp_small,
+)
 from .unet import SmallUNet
 
 __all__ = [
@@ -19,4 +29,12 @@ __all__ = [
     "ScoreMLP",
     "SmallUNet",
     "TimeConditionedClassifier",
+    "NCSNpp",
+    "NCSNppConfig",
+    "ncsnpp_cifar10",
+    "ddpmpp_cifar10",
+    "ncsnpp_deep_cifar10",
+    "ddpmpp_deep_cifar10",
+    "ncsnpp_small",
+    "ddpmpp_small",
 ]
