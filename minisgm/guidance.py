@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import GaussianMixture
-from .samplers import StepFn, Callback, _checked, _randn_like, langevin_corrector_step, reverse_diffusion_step, time_grid
+# Private helpers of the samplers (score-shape check, generator-aware noise) are shared, not copied.
+from .samplers import (
+    Callback,
+    StepFn,
+    _checked,
+    _randn_like,
+    langevin_corrector_step,
+    reverse_diffusion_step,
+    time_grid,
+)
 from .sde import SDE, ScoreFn, batch_time, expand
 
 __all__ = [
@@ -170,7 +179,9 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
     except RuntimeError:
         shape = None
     if shape != x_known.shape:
-        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape {list(x_known.shape)}")
+        raise ValueError(
+            f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape {list(x_known.shape)}"
+        )
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (missing) and 1 (known)")
     return mask.to(device=x_known.device, dtype=x_known.dtype)
@@ -278,7 +289,8 @@ def colour_transform(n_channels: int = 3, device=None, dtype: torch.dtype = torc
 def to_grey(x: Tensor) -> Tensor:
     """The grey image ``[B, 1, H, W]``: the mean over the channels of ``x [B, C, H, W]``."""
     if not torch.is_tensor(x) or x.dim() != 4:
-        raise ValueError(f"x must be an image tensor [B, C, H, W], got {list(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        got = list(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"x must be an image tensor [B, C, H, W], got {got}")
     return x.mean(dim=1, keepdim=True)
 
 

@@ -117,12 +117,13 @@ def test_guided_sampling_draws_from_the_class_component():
     floor = max(float(energy_distance(component(gmm, k).sample(n, g, dtype=F64), ref)) for _ in range(3))
     assert float(energy_distance(x, ref)) < 3 * floor
     # Without guidance the samples come from the whole mixture: far above the floor.
-    x_u, _ = reverse_diffusion_sample(exact_score_fn(gmm, sde), sde, (n, 2), 300, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x_u, _ = reverse_diffusion_sample(exact_score_fn(gmm, sde), sde, (n, 2), 300,
+                                      generator=torch.Generator().manual_seed(1), dtype=F64)
     assert float(energy_distance(x_u, ref)) > 20 * floor
 
 
 def test_larger_scale_sharpens_the_class_posterior():
-    gmm, sde = mixture(), VPSDE()
+    sde = VPSDE()
     # Overlapping classes, so that scale 1 leaves room to sharpen.
     gmm = GaussianMixture([[-0.5, 0.0], [0.5, 0.0]], [0.5, 0.5])
     score, logits = exact_score_fn(gmm, sde), gmm_class_logits_fn(gmm, sde)
@@ -131,7 +132,8 @@ def test_larger_scale_sharpens_the_class_posterior():
         x, _ = reverse_diffusion_sample(classifier_guided_score(score, logits, 0, w), sde, (2000, 2), 200,
                                         generator=torch.Generator().manual_seed(3), dtype=F64)
         post.append(float(gmm.posterior_probs(x)[:, 0].mean()))
-    exact = float(gmm.posterior_probs(component(gmm, 0).sample(20000, torch.Generator().manual_seed(4), dtype=F64))[:, 0].mean())
+    x_class = component(gmm, 0).sample(20000, torch.Generator().manual_seed(4), dtype=F64)
+    exact = float(gmm.posterior_probs(x_class)[:, 0].mean())
     assert abs(post[0] - 0.5) < 0.03  # unguided: the prior class probability
     assert abs(post[1] - exact) < 0.02  # scale 1: the true conditional
     assert post[2] > post[1] + 0.05  # scale 4: sharper
@@ -154,7 +156,8 @@ def test_inpainting_with_correctors_samples_the_exact_conditional():
     x_known = torch.cat([a.expand(n, 2), torch.full((n, 2), 123.0, dtype=F64)], 1)  # missing entries ignored
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
     score = gaussian_score_fn(mu, cov, sde)
-    x, nfe = inpaint_sample(score, sde, x_known, mask, 100, n_corrector_steps=10, generator=torch.Generator().manual_seed(5))
+    x, nfe = inpaint_sample(score, sde, x_known, mask, 100, n_corrector_steps=10,
+                            generator=torch.Generator().manual_seed(5))
     assert nfe == 100 * 11
     assert torch.equal(x[:, :2], x_known[:, :2])  # the known entries are returned exactly
     se = (cond_cov.diagonal() / n).sqrt()
@@ -162,7 +165,8 @@ def test_inpainting_with_correctors_samples_the_exact_conditional():
     assert torch.allclose(torch.cov(x[:, 2:].T), cond_cov, atol=0.04)
     # The replacement method alone (no corrector) is biased: the imputations lean towards the
     # unconditional mean; correctors remove most of the error.
-    x_p, nfe_p = inpaint_sample(score, sde, x_known, mask, 100, corrector=None, generator=torch.Generator().manual_seed(5))
+    x_p, nfe_p = inpaint_sample(score, sde, x_known, mask, 100, corrector=None,
+                                generator=torch.Generator().manual_seed(5))
     assert nfe_p == 100
     err = lambda y: float((y[:, 2:].mean(0) - cond_mean).norm())  # noqa: E731
     assert err(x_p) > 0.3 and err(x) < 0.1
