@@ -17,7 +17,28 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-book: $(STAMP)
+# The widget manager and require.js are vendored (npm pack, only when missing) into the
+# ignored book/_vendor/ and copied into the HTML, so interactive figures render offline.
+VENDOR := book/_vendor
+HTML_MANAGER := @jupyter-widgets/html-manager@1.0.15
+REQUIREJS := requirejs@2.3.8
+WIDGETS_JS := $(VENDOR)/html/widgets/embed-amd.js $(VENDOR)/html/widgets/require.js
+
+$(VENDOR)/html/widgets/embed-amd.js:
+	mkdir -p $(VENDOR)/npm $(VENDOR)/html/widgets
+	cd $(VENDOR)/npm && npm pack --silent $(HTML_MANAGER) >/dev/null
+	rm -rf $(VENDOR)/npm/html-manager && mkdir -p $(VENDOR)/npm/html-manager
+	tar -xzf $(VENDOR)/npm/jupyter-widgets-html-manager-*.tgz -C $(VENDOR)/npm/html-manager
+	cp $(VENDOR)/npm/html-manager/package/dist/*.woff* $(VENDOR)/npm/html-manager/package/dist/*.ttf \
+	   $(VENDOR)/npm/html-manager/package/dist/*.eot $(VENDOR)/npm/html-manager/package/dist/*.svg $(VENDOR)/html/widgets/
+	cp $(VENDOR)/npm/html-manager/package/dist/embed-amd.js $@
+
+$(VENDOR)/html/widgets/require.js:
+	mkdir -p $(VENDOR)/npm $(VENDOR)/html/widgets
+	cd $(VENDOR)/npm && npm pack --silent $(REQUIREJS) >/dev/null
+	tar -xzf $(VENDOR)/npm/requirejs-*.tgz -O package/require.js > $@.tmp && mv $@.tmp $@
+
+book: $(STAMP) $(WIDGETS_JS)
 	$(BIN)/jupyter-book build . -W --keep-going
 	@echo "Open _build/html/index.html"
 
