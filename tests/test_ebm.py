@@ -50,6 +50,19 @@ def test_log_z_of_correlated_gaussian_2d():
     assert abs(log_z.item() - gaussian_log_z(A2)) < 1e-7
 
 
+def test_log_z_of_gaussian_3d_and_float32_module():
+    A3 = torch.tensor([[1.5, 0.3, 0.0], [0.3, 1.0, -0.2], [0.0, -0.2, 0.8]], dtype=torch.float64)
+    energy = quadratic_energy(A3, torch.zeros(3, dtype=torch.float64))
+    log_z = log_partition_quadrature(energy, [-9.0] * 3, [9.0] * 3, 61, rule="trapezoid")
+    assert abs(log_z.item() - gaussian_log_z(A3)) < 1e-8
+    # A float32 module is evaluated in float32 by default; the sum is still float64.
+    torch.manual_seed(0)
+    net = EnergyMLP(2, hidden=16, n_layers=2, confinement=1.0)
+    z32 = log_partition_quadrature(net, [-8, -8], [8, 8], 161)
+    z64 = log_partition_quadrature(net.double(), [-8, -8], [8, 8], 161)
+    assert z32.dtype == torch.float64 and abs(z32.item() - z64.item()) < 1e-4
+
+
 def test_log_z_is_stable_for_huge_energies():
     # exp(-E) underflows to 0 in float64 for E = 1e4; logsumexp must not.
     energy = quadratic_energy(A2, B2, c=1e4)
