@@ -254,3 +254,24 @@ def test_bad_inputs_give_clear_errors():
         colorize_sample(score, sde, torch.zeros(2, 3, 4, 4), 5)
     with pytest.raises(TypeError, match="unexpected keyword"):
         colorize_sample(score, sde, torch.zeros(2, 1, 4, 4), 5, sampler="euler")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_follows_the_input_device_with_a_cpu_generator():
+    gmm, sde = mixture(), VPSDE()
+    x, t = random_points(dtype=torch.float32)
+    score, logits = exact_score_fn(gmm, sde), gmm_class_logits_fn(gmm, sde)
+    s_cpu = classifier_guided_score(score, logits, 1)(x, t)
+    s_gpu = classifier_guided_score(score, logits, torch.ones(64, dtype=torch.long, device="cuda"))(x.cuda(), t.cuda())
+    assert s_gpu.is_cuda and torch.allclose(s_gpu.cpu(), s_cpu, atol=1e-4)
+    x_known, mask = gmm.sample(16, torch.Generator().manual_seed(10)), torch.tensor([1.0, 0.0])
+    kw = dict(corrector=None)
+    x_c, _ = inpaint_sample(score, sde, x_known, mask, 20, generator=torch.Generator().manual_seed(11), **kw)
+    x_g, _ = inpaint_sample(score, sde, x_known.cuda(), mask.cuda(), 20,
+                            generator=torch.Generator().manual_seed(11), **kw)
+    assert x_g.is_cuda and torch.allclose(x_g.cpu(), x_c, atol=1e-3)
+    grey = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(12))
+    image_score = lambda x, t: -x  # noqa: E731  (score of N(0, I) at every t for VP)
+    x_col, _ = colorize_sample(image_score, sde, grey.cuda(), 10, generator=torch.Generator().manual_seed(13))
+    assert x_col.is_cuda and torch.allclose(to_grey(x_col).cpu(), grey, atol=1e-5)
