@@ -91,11 +91,11 @@ def generate(
     return (x, nfe_total) if return_nfe else x
 
 
-def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int = 1, scale: int = 0) -> np.ndarray:
+def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int = 0, scale: int = 0) -> np.ndarray:
     """Tile images ``[N, C, H, W]`` with values in ``[0, 1]`` into one ``[rows*H, cols*W, 3]`` uint8 array.
 
     ``scale`` repeats pixels (nearest neighbour) so small images stay visible; 0 picks
-    ``max(1, 64 // H)``.
+    ``max(1, 64 // H)``. ``pad`` is the white gap between images in output pixels (0: ``max(1, scale // 2)``).
     """
     x = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -105,6 +105,7 @@ def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int
     if c == 1:
         x = np.repeat(x, 3, axis=1)
     scale = scale or max(1, 64 // h)
+    pad = pad or max(1, scale // 2)
     x = x.repeat(scale, axis=2).repeat(scale, axis=3)
     h, w = h * scale, w * scale
     ncol = ncol or int(math.ceil(math.sqrt(n)))
