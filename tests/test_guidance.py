@@ -107,6 +107,22 @@ def test_classifier_free_guidance_is_classifier_guidance_with_scale_one_plus_w()
         assert torch.allclose(cfg, cg, atol=1e-9)
 
 
+def test_classifier_free_guidance_with_the_null_class_of_a_network():
+    from minisgm.models import ScoreMLP
+
+    torch.manual_seed(0)
+    model = ScoreMLP(2, hidden=32, num_classes=3).double()
+    x, t = random_points(8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with torch.no_grad():
+        expected = 3.0 * model(x, t, y) - 2.0 * model(x, t, None)
+        assert torch.allclose(classifier_free_guided_score(model, y, 2.0)(x, t), expected)
+        # The explicit null label (num_classes) is the same as None.
+        assert torch.allclose(classifier_free_guided_score(model, y, 2.0, null=3)(x, t), expected)
+        ones = torch.ones(8, dtype=torch.long)
+        assert torch.allclose(classifier_free_guided_score(model, 1, 0.0)(x, t), model(x, t, ones))
+
+
 def test_guided_sampling_draws_from_the_class_component():
     gmm, sde = mixture(), VPSDE()
     k, n = 1, 1500
