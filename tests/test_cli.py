@@ -116,3 +116,21 @@ def test_evaluate_fid_on_a_small_cifar_archive(cifar10_archive, tmp_path, monkey
     assert list((tmp_path / "cache" / "minisgm").glob("fid-stats-*.npz"))  # cached for the next call
     assert evaluate_main(args) == 0  # same seed, cached reference: the same number
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == pytest.approx(first["value"], rel=1e-6)
+
+
+def test_class_conditional_run_samples_the_requested_class(tmp_path):
+    from minisgm.config import get_preset
+    from minisgm.train import train
+
+    cfg = get_preset("digits_cond")
+    cfg.model.nf, cfg.model.embed_dim, cfg.train.batch_size = 8, 16, 16
+    cfg.train.n_steps, cfg.train.log_every, cfg.train.ckpt_every, cfg.train.sample_every = 2, 1, 2, 2
+    cfg.sample.n_steps, cfg.sample.n_samples = 3, 10
+    run = train(cfg, tmp_path / "cond", progress=False)
+    assert (run / "samples" / "step-00000002.png").read_bytes()[:8] == PNG_MAGIC
+    out = tmp_path / "three.npz"
+    assert sample_main(["--ckpt", str(run), "--class", "3", "--n", "5", "--steps", "3", "--out", str(out)]) == 0
+    z = np.load(out)
+    assert z["samples"].shape == (5, 1, 8, 8) and (z["labels"] == 3).all()
+    assert sample_main(["--ckpt", str(run), "--n", "12", "--steps", "2", "--out", str(out)]) == 0
+    assert list(np.load(out)["labels"]) == [i % 10 for i in range(12)]

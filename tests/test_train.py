@@ -218,3 +218,34 @@ def test_cifar10_small_preset_runs_on_a_small_archive(cifar10_archive, tmp_path)
     assert (run / "samples" / "step-00000002.png").read_bytes()[:8] == PNG_MAGIC
     assert (run / "checkpoint-00000002.pt").is_file()  # the CIFAR presets keep snapshots
     assert load_checkpoint(run)["step"] == 2
+
+
+def test_stopping_early_and_resuming_in_process_is_exact(tmp_path):
+    def cfg():
+        c = get_preset("toy_moons")
+        c.train.n_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every, c.train.sample_every = 12, 32, 4, 4, 0
+        return c
+
+    full = train(cfg(), tmp_path / "full", progress=False)
+    part = cfg()
+    part.train.max_steps_per_run = 5  # e.g. a time-limited cluster job: stops cleanly at step 5
+    train(part, tmp_path / "part", progress=False)
+    assert load_checkpoint(tmp_path / "part")["step"] == 5
+    train(cfg(), tmp_path / "part", progress=False)  # next job: picks the checkpoint up
+    a, b = load_checkpoint(full), load_checkpoint(tmp_path / "part")
+    assert b["step"] == 12 and _same_tensors(a["model"], b["model"]) and _same_tensors(a["ema"], b["ema"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fast_path_bf16_channels_last_fused_adam_compile(tmp_path):
+    cfg = get_preset("digits_vp")
+    cfg.train.n_steps, cfg.train.log_every, cfg.train.ckpt_every, cfg.train.sample_every = 20, 10, 10, 20
+    cfg.train.mixed_precision = cfg.train.channels_last = cfg.train.compile = True
+    cfg.sample.n_steps = 10
+    run = train(cfg, tmp_path / "gpu", progress=False)
+    state = load_checkpoint(run)
+    assert state["step"] == 20 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"]
