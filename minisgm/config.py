@@ -81,6 +81,7 @@ class DataConfig:
     """What to train on."""
 
     dataset: str = "digits"  # "digits" (sklearn 8x8), "cifar10", or a 2-D toy name: two_moons, swiss_roll, checkerboard, rings, spirals, eight_gaussians
+    holdout: bool = True  # digits: train on digits_split()[0] (1438 images), keep [1] (359) for evaluate
     path: str = ""  # cifar10: folder holding cifar-10-batches-py/ (or the archive); unused otherwise
     centered: bool = True  # map images from [0, 1] to [-1, 1] before noising (score-SDE: True for VP, False for VE); NCSN++ gets the same flag
     random_flip: bool = False  # random horizontal flips (CIFAR-10)

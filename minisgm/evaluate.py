@@ -2,8 +2,8 @@
 
 * ``bpd``: bits per dimension of held-out data under the probability-flow ODE likelihood
   (:func:`minisgm.likelihood.bits_per_dim`, uniform dequantisation; Song et al. 2021, sec. 4.3).
-  Digits use the fixed test split of :func:`minisgm.digit_features.digits_split`, CIFAR-10 its
-  test batch.
+  Digits use the fixed test split of :func:`minisgm.digit_features.digits_split` (unseen in
+  training with ``data.holdout``, the default), CIFAR-10 its test batch.
 * ``fid``: FID of ``--n`` samples against Inception statistics of the training set
   (:mod:`minisgm.fid`; the statistics are computed once and cached in ``~/.cache/minisgm``).
 * ``digits_fd``: the Frechet distance in the features of a small digit classifier
@@ -70,7 +70,8 @@ def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson:
         nfes.append(nfe)
     b = torch.cat(bpds)
     return {"metric": "bpd", "value": float(b.mean()), "stderr": float(b.std() / max(1, b.numel()) ** 0.5) if b.numel() > 1 else 0.0,
-            "n": int(b.numel()), "nfe_mean": float(np.mean(nfes)), "estimator": hutchinson or "exact"}
+            "n": int(b.numel()), "nfe_mean": float(np.mean(nfes)), "estimator": hutchinson or "exact",
+            "test_seen_in_training": cfg.data.dataset == "digits" and not cfg.data.holdout}
 
 
 def _samples01(model, cfg, sde, n: int, sampler: str, steps: int, batch_size: int, seed: int, device) -> torch.Tensor:
@@ -106,6 +107,7 @@ def evaluate_digits_fd(model, cfg, sde, n: int = 0, sampler: str = "em", steps: 
     perm = torch.randperm(train_idx.numel(), generator=torch.Generator().manual_seed(seed))[:n]
     floor = digits_frechet_distance(images[train_idx[perm]], test)
     return {"metric": "digits_fd", "value": fd, "real_data_floor": floor, "n": n, "n_test": int(test.shape[0]),
+            "test_seen_in_training": not cfg.data.holdout,
             "sampler": sampler, "steps": steps}
 
 

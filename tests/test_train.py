@@ -249,3 +249,17 @@ def test_gpu_fast_path_bf16_channels_last_fused_adam_compile(tmp_path):
     assert state["optimizer"]["param_groups"][0]["fused"] is True
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_digits_hold_out_the_test_split():
+    from minisgm.data import load_digits
+    from minisgm.digit_features import digits_split
+
+    cfg = get_preset("digits_vp")
+    data = build_data(cfg, torch.device("cpu"))
+    train_idx, test_idx = digits_split()
+    assert len(data) == len(train_idx) == 1797 - len(test_idx)
+    levels, _ = load_digits(return_int=True)
+    assert torch.equal(data.images.long(), levels[train_idx])
+    cfg.data.holdout = False
+    assert len(build_data(cfg, torch.device("cpu"))) == 1797
