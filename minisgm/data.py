@@ -256,7 +256,7 @@ __all__ += ["exact_log_prob_fn"]
 
 
 # =========================================================================================
-# 2-D toy distributions (chapters 3-6 figures). Book: :ref:`sec-toy-data`.
+# 2-D toy distributions (two moons are trained on in chapter 5). Book: :ref:`sec-ncsn-toy`.
 #
 # Every sampler has the signature ``f(n, generator=None, device=None, dtype=torch.float32,
 # **shape_params) -> [n, 2]`` and is standardised to a common scale: centred at (about) the
