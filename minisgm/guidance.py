@@ -27,13 +27,12 @@ from .data import GaussianMixture
 from .samplers import (
     Callback,
     StepFn,
-    _checked,
-    _randn_like,
+    checked_score_fn,
     langevin_corrector_step,
     reverse_diffusion_step,
     time_grid,
 )
-from .sde import SDE, ScoreFn, batch_time, expand
+from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
 __all__ = [
     "classifier_guided_score",
@@ -237,14 +236,14 @@ def inpaint_sample(
         not isinstance(n_corrector_steps, int) or isinstance(n_corrector_steps, bool) or n_corrector_steps < 1
     ):
         raise ValueError(f"n_corrector_steps must be a positive int, got {n_corrector_steps!r}")
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
     ts = time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
     dt = (sde.T - ts[-1]) / n_steps
     x_known = x_known.detach()
 
     def replace(x: Tensor, x_mean: Tensor, t: float) -> Tuple[Tensor, Tensor]:
         known_mean, std = sde.marginal(x_known, t)
-        known = known_mean + expand(std, x_known) * _randn_like(x_known, generator)
+        known = known_mean + expand(std, x_known) * randn_like(x_known, generator)
         return mask * known + (1 - mask) * x, mask * known_mean + (1 - mask) * x_mean
 
     gen_device = generator.device if generator is not None else x_known.device
@@ -331,7 +330,7 @@ def colorize_sample(
         shape = list(grey.shape) if torch.is_tensor(grey) else type(grey).__name__
         raise ValueError(f"grey must be a floating-point tensor [B, 1, H, W], got {shape}")
     M = colour_transform(n_channels, device=grey.device, dtype=grey.dtype)
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
 
     def score_u(u: Tensor, t: Tensor) -> Tensor:
         return _apply(M, score_fn(_apply(M.T, u), t))

@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .sde import randn_like
+
 __all__ = [
     "langevin_sample",
     "mala_sample",
@@ -59,11 +61,6 @@ def _check_n(n: int, name: str, minimum: int = 0) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
     return n
-
-
-def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
 def _check_score(s: Tensor, x: Tensor) -> Tensor:
@@ -102,7 +99,7 @@ def langevin_sample(
     noise_scale = math.sqrt(2 * eps)
     for k in range(n_steps):
         s = _check_score(score_fn(x), x)
-        x = x + eps * s + noise_scale * _randn_like(x, generator)
+        x = x + eps * s + noise_scale * randn_like(x, generator)
         if callback is not None:
             callback(k, x)
     return x
@@ -156,7 +153,7 @@ def mala_sample(
     gen_device = generator.device if generator is not None else x.device
     view = (-1,) + (1,) * (x.dim() - 1)
     for k in range(n_steps):
-        z = _randn_like(x, generator)
+        z = randn_like(x, generator)
         y = x + eps * s_x + noise_scale * z
         lp_y, s_y = evaluate(y)
         log_q_fwd = -0.5 * _sq_norm(z)  # log q(y|x) up to the shared constant
@@ -224,7 +221,7 @@ def annealed_langevin_sample(
         sigma_b = sigma.expand(B)
         for _ in range(n_steps_each):
             s = _check_score(score_fn(x, sigma_b), x)
-            x = x + alpha * s + math.sqrt(2 * alpha) * _randn_like(x, generator)
+            x = x + alpha * s + math.sqrt(2 * alpha) * randn_like(x, generator)
             nfe += 1
             if callback is not None:
                 callback(k, x)

@@ -28,12 +28,12 @@ from torch import Tensor
 from .samplers import _check_eps, _check_method, _check_tol
 from .sde import SDE, ScoreFn
 
-__all__ = ["log_likelihood", "dequantize", "bits_per_dim", "bpd_from_logp"]
+__all__ = ["log_likelihood", "divergence_exact", "divergence_hutchinson", "dequantize", "bits_per_dim", "bpd_from_logp"]
 
 _HUTCHINSON = (None, "gaussian", "rademacher")
 
 
-def _divergence_exact(v: Tensor, x: Tensor) -> Tensor:
+def divergence_exact(v: Tensor, x: Tensor) -> Tensor:
     """``sum_i d v_i / d x_i`` per sample, ``[B]``: one backward pass per dimension.
 
     Samples do not interact, so the gradient of ``sum_b v[b, i]`` with respect to ``x`` holds
@@ -47,7 +47,7 @@ def _divergence_exact(v: Tensor, x: Tensor) -> Tensor:
     return div
 
 
-def _divergence_hutchinson(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
+def divergence_hutchinson(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     """Hutchinson's ``mean_k u_k^T (dv/dx) u_k`` per sample, ``[B]``; ``probes`` is ``[K, B, ...]``."""
     est = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     for u in probes:
@@ -138,7 +138,7 @@ def log_likelihood(
         with torch.enable_grad():
             xt = xt.detach().requires_grad_(True)
             v = sde.ode_drift(checked_score, xt, tb)
-            div = _divergence_exact(v, xt) if probes is None else _divergence_hutchinson(v, xt, probes)
+            div = divergence_exact(v, xt) if probes is None else divergence_hutchinson(v, xt, probes)
         return v.detach(), div.detach()
 
     ts = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)

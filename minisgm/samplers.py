@@ -41,9 +41,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .sde import SDE, ScoreFn, batch_time, expand
+from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
 __all__ = [
+    "checked_score_fn",
     "time_grid",
     "euler_maruyama_step",
     "reverse_diffusion_step",
@@ -101,7 +102,7 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _checked(score_fn: ScoreFn) -> ScoreFn:
+def checked_score_fn(score_fn: ScoreFn) -> ScoreFn:
     """Wrap ``score_fn`` so that a wrong output shape fails with a clear message.
 
     The output is detached: a sampler never back-propagates through the trajectory, and
@@ -120,12 +121,6 @@ def _checked(score_fn: ScoreFn) -> ScoreFn:
 
     wrapped.__wrapped__ = score_fn  # type: ignore[attr-defined]
     return wrapped
-
-
-def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    # Draw on the generator's device so a CPU generator also drives CUDA sampling reproducibly.
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
 def _initial_state(
@@ -175,7 +170,7 @@ def euler_maruyama_step(
     rsde = sde.reverse(score_fn)
     x_mean = x - rsde.drift(x, t) * dt
     g = expand(rsde.diffusion(t), x)
-    return x_mean + g * math.sqrt(dt) * _randn_like(x, generator), x_mean
+    return x_mean + g * math.sqrt(dt) * randn_like(x, generator), x_mean
 
 
 def reverse_diffusion_step(
@@ -192,7 +187,7 @@ def reverse_diffusion_step(
     t = batch_time(t, x, sde.T)
     rev_f, G = sde.reverse(score_fn).discretize(x, t, dt)
     x_mean = x - rev_f
-    return x_mean + expand(G, x) * _randn_like(x, generator), x_mean
+    return x_mean + expand(G, x) * randn_like(x, generator), x_mean
 
 
 def ancestral_step(
@@ -222,7 +217,7 @@ def ancestral_step(
     v = (std_t**2 - a**2 * std_s**2).clamp(min=0.0)
     x_mean = (x + expand(v, x) * score_fn(x, t)) / expand(a, x)
     post_std = (v * std_s**2 / std_t**2).sqrt()
-    return x_mean + expand(post_std, x) * _randn_like(x, generator), x_mean
+    return x_mean + expand(post_std, x) * randn_like(x, generator), x_mean
 
 
 # ----- corrector ----------------------------------------------------------------------------
@@ -256,7 +251,7 @@ def langevin_corrector_step(
         raise ValueError(f"snr must be a positive number, got {snr!r}")
     t = batch_time(t, x, sde.T)
     score = score_fn(x, t)
-    z = _randn_like(x, generator)
+    z = randn_like(x, generator)
     z_norm = z.reshape(x.shape[0], -1).norm(dim=1)
     s_norm = score.reshape(x.shape[0], -1).norm(dim=1)
     if not per_sample:
@@ -385,7 +380,7 @@ def pc_sample(
     if corrector is not None:
         if not isinstance(n_corrector_steps, int) or isinstance(n_corrector_steps, bool) or n_corrector_steps < 1:
             raise ValueError(f"n_corrector_steps must be a positive int, got {n_corrector_steps!r}")
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
     x = _initial_state(sde, shape, x_init, generator, device, dtype)
     ts = time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
     dt = (sde.T - ts[-1]) / n_steps
@@ -457,7 +452,7 @@ def ode_sample(
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     method = _check_method(method)
     eps = _check_eps(sde, eps)
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
     x = _initial_state(sde, shape, x_init, generator, device, dtype)
     counter = [0]
     x = _odeint(_ode_func(score_fn, sde, counter, callback, eps, sde.T), x, sde.T, eps, rtol, atol, method)
@@ -488,7 +483,7 @@ def ode_encode(
     rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
     method = _check_method(method)
     eps = _check_eps(sde, eps)
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
     counter = [0]
     z = _odeint(_ode_func(score_fn, sde, counter, None, eps, sde.T), x.detach(), eps, sde.T, rtol, atol, method)
     return z, counter[0]
@@ -518,7 +513,7 @@ def heun_sample(
     effect. Book: :ref:`sec-samplers-ode`.
     """
     n_steps = _check_n_steps(n_steps)
-    score_fn = _checked(score_fn)
+    score_fn = checked_score_fn(score_fn)
     x = _initial_state(sde, shape, x_init, generator, device, dtype)
     ts = time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
     nfe = 0

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .sde import SDE, expand
+from .sde import SDE, expand, randn_like
 
 __all__ = [
     "esm_loss",
@@ -81,12 +81,6 @@ def _check_sigma(sigma, x: Tensor) -> Tensor:
         lo, hi = float(sig.min()), float(sig.max())
         raise ValueError(f"sigma must be positive and finite, got values in [{lo:.4g}, {hi:.4g}]")
     return sig
-
-
-def _randn(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
-    """Standard normal noise on ``like``'s device/dtype, drawn on the generator's device."""
-    dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
 
 
 # ----- chapter 3: unconditional score matching --------------------------------------------
@@ -202,7 +196,7 @@ def dsm_loss(
     _check_reduction(reduction)
     x = _check_x(x)
     sig = expand(_check_sigma(sigma, x), x)
-    z = _randn(x.shape, generator, x)
+    z = randn_like(x, generator)
     x_tilde = x + sig * z
     s = _check_score(score_fn(x_tilde), x)
     return _reduce(0.5 * _sq_norm(s + z / sig), reduction)
@@ -233,7 +227,7 @@ def ncsn_loss(
     gen_device = generator.device if generator is not None else x.device
     idx = torch.randint(0, sig_all.numel(), (x.shape[0],), generator=generator, device=gen_device).to(x.device)
     sigma = sig_all[idx]
-    z = _randn(x.shape, generator, x)
+    z = randn_like(x, generator)
     sig = expand(sigma, x)
     s = _check_score(score_fn(x + sig * z, sigma), x)
     return _reduce(0.5 * _sq_norm(sig * s + z), reduction)
@@ -265,7 +259,7 @@ def sde_loss(
         raise ValueError(f"eps must be a number in [0, {sde.T}), got {eps!r}")
     gen_device = generator.device if generator is not None else x.device
     t = sde.sample_time(x.shape[0], eps, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-    z = _randn(x.shape, generator, x)
+    z = randn_like(x, generator)
     mean, std = sde.marginal(x, t)
     x_t = mean + expand(std, x) * z
     s = _check_score(score_fn(x_t, t), x)

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "ReverseSDE", "batch_time", "expand"]
+__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "ReverseSDE", "batch_time", "expand", "randn_like"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """A score model: ``score(x [B, ...], t [B]) -> tensor shaped like x``."""
@@ -35,6 +35,16 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 def expand(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample ``[B]`` tensor to ``[B, 1, ..., 1]`` so it broadcasts against ``x``."""
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Standard normal noise shaped like ``x`` (its dtype and device).
+
+    Drawn on the generator's device and then moved, so one CPU generator drives CPU and CUDA
+    runs reproducibly (``torch.randn_like`` takes no generator).
+    """
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
 def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
@@ -110,7 +120,7 @@ class SDE:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Draw ``x_t = m(t) x0 + s(t) z``; returns ``(x_t, z, s(t))``."""
         mean, std = self.marginal(x0, t)
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = randn_like(x0, generator)
         return mean + expand(std, x0) * z, z, std
 
     def sample_time(

@@ -356,7 +356,7 @@ def test_fused_fir_conv_equals_separate_resample_then_conv_inside(taps, conv_siz
 
 def test_ddpm_sinusoidal_embedding_frequencies():
     s = torch.tensor([0.0, 1.0, 999.0], dtype=torch.float64)
-    emb = nn_._ddpm_sinusoidal_embedding(s, 8)
+    emb = nn_.ddpm_sinusoidal_embedding(s, 8)
     freqs = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 3)  # 1 ... 1e-4
     torch.testing.assert_close(emb, torch.cat([torch.sin(s[:, None] * freqs), torch.cos(s[:, None] * freqs)], 1))
 

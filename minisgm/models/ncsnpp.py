@@ -60,6 +60,7 @@ __all__ = [
     "ddpmpp_deep_cifar10",
     "ncsnpp_small",
     "ddpmpp_small",
+    "ddpm_sinusoidal_embedding",
     "count_parameters",
     "fir_kernel_2d",
     "fir_upsample_2d",
@@ -451,7 +452,7 @@ def _upsample_conv_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel:
     return h if bias is None else h + bias.view(1, -1, 1, 1)
 
 
-def _ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """DDPM's sinusoidal embedding of a scalar (Ho et al. 2020; Vaswani et al. 2017).
 
     ``emb = [sin(s w_0), ..., sin(s w_{h-1}), cos(s w_0), ..., cos(s w_{h-1})]``,
@@ -775,7 +776,7 @@ class NCSNpp(nn.Module):
         if self.fourier is not None:
             emb = self.fourier(c_noise)
         else:
-            emb = _ddpm_sinusoidal_embedding(c_noise, c.nf)
+            emb = ddpm_sinusoidal_embedding(c_noise, c.nf)
         temb = self.temb_mlp(emb.to(x.dtype))
         if self.class_embed is not None:
             temb = temb + self.class_embed(class_labels)
