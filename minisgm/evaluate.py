@@ -142,7 +142,7 @@ def evaluate_fid(model, cfg, sde, n: int = 50_000, sampler: str = "em", steps: i
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m minisgm.evaluate``."""
     from .checkpoint import CheckpointError
-    from .sample import SAMPLERS, load_run
+    from .sample import SAMPLERS, load_run, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m minisgm.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.n < 0:
         p.error(f"--n must be >= 0, got {args.n}")
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     try:
         model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
     except CheckpointError as err:

@@ -167,6 +167,13 @@ def load_run(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool
     return model, cfg, build_sde(cfg.sde), int(state["step"])
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m minisgm.sample``."""
     from .checkpoint import CheckpointError
@@ -188,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     try:
         model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
     except CheckpointError as err:
