@@ -44,6 +44,10 @@ def configs():
         yield "ODE RK45 (dopri5)", f"rtol=atol={tol:g}", lambda sf, sde, shape, g, tol=tol: S.ode_sample(sf, sde, shape, rtol=tol, atol=tol, generator=g, dtype=F64)
     for n in (3, 5, 10, 20, 50, 100):
         yield "ODE Heun", f"n_steps={n}", lambda sf, sde, shape, g, n=n: S.heun_sample(sf, sde, shape, n, generator=g, dtype=F64)
+    for n in (3, 5, 10, 20, 50):
+        yield "ODE Heun, EDM grid (rho=7)", f"n_steps={n}", lambda sf, sde, shape, g, n=n: S.heun_sample(
+            sf, sde, shape, n, generator=g, dtype=F64, ts=S.edm_time_grid(sde, n)
+        )
 
 
 def main() -> None:

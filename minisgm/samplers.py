@@ -46,6 +46,7 @@ from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 __all__ = [
     "checked_score_fn",
     "time_grid",
+    "edm_time_grid",
     "euler_maruyama_step",
     "reverse_diffusion_step",
     "ancestral_step",
@@ -154,6 +155,42 @@ def time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, device=None, 
     n_steps = _check_n_steps(n_steps)
     eps = _check_eps(sde, eps)
     return torch.linspace(sde.T, eps, n_steps + 1, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def edm_time_grid(
+    sde: SDE, n_steps: int, rho: float = 7.0, eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A grid ``T = t_0 > ... > t_N = eps`` whose noise-to-signal ratios follow Karras et al. (2022), eq. 5.
+
+    With ``sigma(t) = s(t)/m(t)`` (the noise level of ``x_t / m(t)``, increasing in ``t``):
+    ``sigma_i = (sigma(T)^(1/rho) + i/N (sigma(eps)^(1/rho) - sigma(T)^(1/rho)))^rho``, and
+    ``t_i = sigma^{-1}(sigma_i)`` by bisection, so the grid works for any SDE. ``rho = 7``
+    spends most steps at small noise, where the probability-flow ODE bends most; ``rho = 1`` is
+    uniform in sigma. Shape ``[n_steps + 1]``. Use with :func:`heun_sample` (``ts=``).
+    Book: :ref:`sec-samplers-ode`.
+    """
+    n_steps = _check_n_steps(n_steps)
+    eps = _check_eps(sde, eps)
+    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0:
+        raise ValueError(f"rho must be a positive number, got {rho!r}")
+
+    def sigma(t: Tensor) -> Tensor:
+        m, s = sde.marginal_coeffs(t)
+        return s / m
+
+    ends = sigma(torch.tensor([sde.T, eps], dtype=torch.float64))
+    i = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
+    target = (ends[0] ** (1 / rho) + i * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
+    lo = torch.full_like(target, eps)
+    hi = torch.full_like(target, sde.T)
+    for _ in range(100):  # bisection to float64 resolution; sigma is increasing in t
+        mid = 0.5 * (lo + hi)
+        above = sigma(mid) > target
+        hi = torch.where(above, mid, hi)
+        lo = torch.where(above, lo, mid)
+    ts = 0.5 * (lo + hi)
+    ts[0], ts[-1] = sde.T, eps  # exact end points
+    return ts.to(device=device, dtype=dtype)
 
 
 # ----- predictors: one step from t to t - dt ------------------------------------------------
@@ -489,6 +526,19 @@ def ode_encode(
     return z, counter[0]
 
 
+def _check_grid(sde: SDE, n_steps: int, eps: Optional[float], ts) -> list:
+    """The default uniform grid, or ``ts`` checked: ``n_steps + 1`` strictly decreasing times in ``[eps, T]``."""
+    if ts is None:
+        return time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
+    grid = torch.as_tensor(ts, dtype=torch.float64).flatten().tolist()
+    if len(grid) != n_steps + 1:
+        raise ValueError(f"ts must hold n_steps + 1 = {n_steps + 1} times, got {len(grid)}")
+    lo = _check_eps(sde, eps)
+    if any(b >= a for a, b in zip(grid, grid[1:])) or grid[-1] < lo * (1 - 1e-6) or grid[0] > sde.T:
+        raise ValueError(f"ts must decrease strictly from at most T={sde.T} to at least eps={lo}, got {grid[0]:.4g} ... {grid[-1]:.4g}")
+    return grid
+
+
 def heun_sample(
     score_fn: ScoreFn,
     sde: SDE,
@@ -502,10 +552,13 @@ def heun_sample(
     x_init: Optional[Tensor] = None,
     denoise: bool = True,
     callback: Optional[Callback] = None,
+    ts: Optional[Sequence[float] | Tensor] = None,
 ) -> Tuple[Tensor, int]:
     """Fixed-step Heun (2nd-order, explicit trapezoidal) integration of the probability-flow ODE.
 
-    On the grid ``t_i`` (see the module docstring), with ``v(x, t) = f - g^2 score / 2``:
+    On the grid ``t_i`` (the uniform :func:`time_grid` unless ``ts`` gives another decreasing
+    grid of ``n_steps + 1`` times from ``T`` to ``eps``, such as :func:`edm_time_grid`), with
+    ``v(x, t) = f - g^2 score / 2``:
     ``d_i = v(x_i, t_i)``, ``x' = x_i + (t_{i+1} - t_i) d_i``, and, except on the last step,
     ``x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + v(x', t_{i+1})) / 2``. The last step is a plain
     Euler step, as in Karras et al. (2022, Algorithm 1), so ``nfe = 2 n_steps - 1``.
@@ -513,9 +566,9 @@ def heun_sample(
     effect. Book: :ref:`sec-samplers-ode`.
     """
     n_steps = _check_n_steps(n_steps)
+    ts = _check_grid(sde, n_steps, eps, ts)
     score_fn = checked_score_fn(score_fn)
     x = _initial_state(sde, shape, x_init, generator, device, dtype)
-    ts = time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
     nfe = 0
     for i in range(n_steps):
         t, t_next = ts[i], ts[i + 1]
