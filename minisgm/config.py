@@ -269,7 +269,7 @@ def cifar10_ddpmpp_deep_subvp() -> Config:
 
 
 def cifar10_small() -> Config:
-    """A small NCSN++ (4.8M parameters), VE SDE, CIFAR-10: one GPU in hours, or a CPU smoke test."""
+    """A small NCSN++ (4.8M parameters), VE SDE, CIFAR-10: a first GPU run (about 8e16 training FLOP), or a CPU smoke test."""
     c = _cifar10("cifar10_small", "ncsnpp_small", "ve")
     c.train.n_steps = 100_000
     c.train.warmup = 1000
