@@ -178,6 +178,20 @@ class ClassEmbedding(nn.Module):
         return self.table(y.long())
 
 
+def condition_embedding(
+    time_embed: TimeEmbedding, class_embed: Optional[ClassEmbedding], t: Tensor, y: Optional[Tensor], x: Tensor
+) -> Tensor:
+    """The ``[B, dim]`` conditioning vector of a score network for ``t [B]`` (see
+    :func:`batch_condition`): time (or noise) embedding, plus the class embedding when the
+    network is class-conditional (``y=None`` = the null class)."""
+    emb = time_embed(t)
+    if class_embed is not None:
+        return emb + class_embed(y, x.shape[0], x.device)
+    if y is not None:
+        raise ValueError("class labels y given, but the model was built with num_classes=None")
+    return emb
+
+
 def check_marginal_std(std: Tensor, batch: int) -> Tensor:
     """Validate the ``[B]`` output of a ``marginal_std`` callable (positive, right shape)."""
     if not torch.is_tensor(std) or std.shape != (batch,):
@@ -188,4 +202,4 @@ def check_marginal_std(std: Tensor, batch: int) -> Tensor:
     return std
 
 
-__all__ += ["TimeEmbedding", "ClassEmbedding", "batch_condition", "check_marginal_std"]
+__all__ += ["TimeEmbedding", "ClassEmbedding", "batch_condition", "condition_embedding", "check_marginal_std"]

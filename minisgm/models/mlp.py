@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std
+from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std, condition_embedding
 
 __all__ = ["MLP", "ScoreMLP"]
 
@@ -105,11 +105,7 @@ class ScoreMLP(nn.Module):
     def forward(self, x: Tensor, t, y: Optional[Tensor] = None) -> Tensor:
         _check_input(x, self.dim)
         t = batch_condition(t, x)
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
-        elif y is not None:
-            raise ValueError("class labels y given, but the model was built with num_classes=None")
+        emb = condition_embedding(self.time_embed, self.class_embed, t, y, x)
         h = self.act(self.inp(x) + emb)
         emb_act = self.act(emb)
         for layer, proj in zip(self.hidden_layers, self.time_proj):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std
+from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std, condition_embedding
 
 __all__ = ["SmallUNet", "ResBlock", "AttentionBlock"]
 
@@ -156,11 +156,7 @@ class SmallUNet(nn.Module):
                 f"x must have shape [B, {self.in_channels}, H, W] with H, W divisible by {factor}, got {list(x.shape)}"
             )
         t = batch_condition(t, x)
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, x.shape[0], x.device)
-        elif y is not None:
-            raise ValueError("class labels y given, but the model was built with num_classes=None")
+        emb = condition_embedding(self.time_embed, self.class_embed, t, y, x)
 
         h = self.conv_in(x)
         skips = []
