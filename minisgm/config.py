@@ -71,6 +71,7 @@ class SDEConfig:
     kind: str = "vp"  # "ve" (SMLD), "vp" (DDPM) or "subvp"
     sigma_min: float = 0.01  # VE: smallest noise scale sigma(0)
     sigma_max: float = 50.0  # VE: largest noise scale sigma(1); ~ max pairwise data distance (NCSNv2)
+    exact_variance: bool = True  # VE: marginal variance sigma(t)^2 - sigma_min^2; false: score_sde_pytorch's sigma(t)^2 (its checkpoints need it)
     beta_min: float = 0.1  # VP/sub-VP: beta(0)
     beta_max: float = 20.0  # VP/sub-VP: beta(1)
     eps: Optional[float] = None  # smallest training/sampling time; None = the SDE's default (VE 1e-5, VP 1e-3)

@@ -236,16 +236,21 @@ class VESDE(SDE):
     marginal is ``N(x_0, (sigma(t)^2 - sigma_min^2) I)``; score_sde_pytorch approximates its
     variance by ``sigma(t)^2``, which is the law of ``x_t`` if ``x_0`` already carries noise of
     size ``sigma_min``. We keep the exact form so that simulation and formula agree.
-    Book: :ref:`sec-sde-ve`.
+    ``exact_variance=False`` gives score_sde_pytorch's convention (the same SDE started from
+    the data smoothed by ``N(0, sigma_min^2 I)``), which networks trained by that code, such
+    as the checkpoints imported by :mod:`minisgm.convert`, expect. Book: :ref:`sec-sde-ve`.
     """
 
     eps = 1e-5
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, exact_variance: bool = True):
         self.sigma_min = _check_positive("sigma_min", sigma_min)
         self.sigma_max = _check_positive("sigma_max", sigma_max)
         if not self.sigma_max > self.sigma_min:
             raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if not isinstance(exact_variance, bool):
+            raise TypeError(f"exact_variance must be a bool, got {type(exact_variance).__name__}")
+        self.exact_variance = exact_variance
 
     def sigma(self, t: Tensor) -> Tensor:
         """Noise scale ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``."""
@@ -259,6 +264,8 @@ class VESDE(SDE):
         return self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
 
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
+        if not self.exact_variance:
+            return torch.ones_like(t), self.sigma(t)
         std = (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
         return torch.ones_like(t), std
 

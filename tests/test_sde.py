@@ -178,3 +178,25 @@ def test_scalar_time_is_broadcast():
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_ve_score_sde_convention_is_the_same_sde_started_from_smoothed_data():
+    """exact_variance=False: s(t) = sigma(t), i.e. the moment ODE started from variance sigma_min^2."""
+    exact, approx = VESDE(0.01, 50.0), VESDE(0.01, 50.0, exact_variance=False)
+    t = torch.linspace(0, 1, 21, dtype=D64)
+    m, s = approx.marginal_coeffs(t)
+    torch.testing.assert_close(m, torch.ones_like(t))
+    torch.testing.assert_close(s, 0.01 * 5000**t)
+    sol = solve_ivp(lambda tt, y: [approx.diffusion(torch.tensor([tt], dtype=D64)).item() ** 2], (0, 1), [0.01**2],
+                    t_eval=t.numpy(), rtol=1e-11, atol=1e-14, method="DOP853")
+    np.testing.assert_allclose((s**2).numpy(), sol.y[0], rtol=1e-7)
+    # Same SDE: the same drift, diffusion and one-step transitions; only p_0 differs.
+    x = torch.randn(5, 3, dtype=D64)
+    for tt in (0.3, 0.9):
+        fa, Ga = approx.discretize(x, tt, 0.01)
+        fe, Ge = exact.discretize(x, tt, 0.01)
+        torch.testing.assert_close(fa, fe)
+        torch.testing.assert_close(Ga, Ge)
+    assert float(exact.marginal_coeffs(torch.tensor([1e-5], dtype=D64))[1]) < 2e-4 < float(s[0])
+    with pytest.raises(TypeError, match="exact_variance must be a bool"):
+        VESDE(exact_variance=1)
