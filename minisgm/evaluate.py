@@ -32,6 +32,23 @@ __all__ = ["evaluate_bpd", "evaluate_digits_fd", "evaluate_fid", "main"]
 METRICS = ("bpd", "fid", "digits_fd")
 
 
+def _require_data_path(cfg) -> None:
+    if not cfg.data.path:
+        raise ValueError("this run's config has no data.path (e.g. an imported checkpoint): "
+                         "pass the CIFAR-10 archive or folder with --data-path")
+
+
+def _load_cifar10(cfg, train: bool):
+    """The run's CIFAR-10 split; a missing data set names ``--data-path`` as the way out."""
+    from .data import load_cifar10
+
+    _require_data_path(cfg)
+    try:
+        return load_cifar10(cfg.data.path, train=train)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}\nGive this run's CIFAR-10 data with --data-path.") from None
+
+
 def _test_levels(cfg, n: int) -> tuple:
     """Held-out integer images ``[n, C, H, W]`` and the number of grey levels."""
     if cfg.data.dataset == "digits":
@@ -42,9 +59,7 @@ def _test_levels(cfg, n: int) -> tuple:
         test_idx = digits_split()[1]
         return levels[test_idx][:n], 17
     if cfg.data.dataset == "cifar10":
-        from .data import load_cifar10
-
-        images, _ = load_cifar10(cfg.data.path, train=False)
+        images, _ = _load_cifar10(cfg, train=False)
         return images[:n].long(), 256
     raise ValueError(f"bits/dim needs an image data set (digits or cifar10), this run trained on {cfg.data.dataset!r}")
 
@@ -118,16 +133,15 @@ def evaluate_fid(model, cfg, sde, n: int = 50_000, sampler: str = "em", steps: i
 
     if cfg.data.dataset != "cifar10":
         raise ValueError(f"fid is for CIFAR-10 runs (use digits_fd for digits); this run used {cfg.data.dataset!r}")
+    _require_data_path(cfg)
     inception = load_inception(device)
-    from .data import load_cifar10
-
     path = str(Path(cfg.data.path).expanduser().resolve())
     cache = reference_stats_path(f"cifar10-train|{path}|{ref_n}")
     if cache.is_file():
         with np.load(cache) as z:
             ref = (z["mu"], z["cov"])
     else:
-        images, _ = load_cifar10(cfg.data.path, train=True)
+        images, _ = _load_cifar10(cfg, train=True)
         if ref_n > 0:
             images = images[:ref_n]
         ref = inception_stats(images, inception, batch_size=200)
@@ -157,6 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 archive or folder (default: the run's data.path)")
     args = p.parse_args(argv)
     if args.n < 0:
         p.error(f"--n must be >= 0, got {args.n}")
@@ -166,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.data_path is not None:
+        cfg.data.path = args.data_path
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps or cfg.sample.n_steps
     t0 = time.perf_counter()

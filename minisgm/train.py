@@ -94,7 +94,7 @@ class TrainingDiverged(RuntimeError):
 def build_sde(cfg) -> sde_lib.SDE:
     """The SDE object of ``cfg.sde`` (a :class:`~minisgm.config.SDEConfig`)."""
     if cfg.kind == "ve":
-        return sde_lib.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+        return sde_lib.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, exact_variance=cfg.exact_variance)
     if cfg.kind == "vp":
         return sde_lib.VPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
     if cfg.kind == "subvp":
@@ -478,6 +478,11 @@ def train(
         state = load_checkpoint(ckpt_path, map_location=device)
         load_state_dict_checked(model, state["model"], "model")
         load_state_dict_checked(ema, state["ema"], "EMA")
+        if "optimizer" not in state:
+            raise CheckpointError(
+                f"{ckpt_path} holds weights without an optimizer state (imported with minisgm.convert?): "
+                "it can be sampled and evaluated, not resumed"
+            )
         try:
             opt.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as err:
