@@ -22,7 +22,7 @@ from minisgm.sample import load_run
 from minisgm.train import build_model, example_shape
 
 DATA = Path(__file__).parent / "data"
-CASES = ["ve_ncsnpp", "vp_ddpmpp", "subvp_ddpmpp"]
+CASES = ["ve_ncsnpp", "vp_ddpmpp", "subvp_ddpmpp", "ve_ncsnpp_skip"]
 
 
 def expected(case):
@@ -30,10 +30,11 @@ def expected(case):
 
 
 def shrink_args(exp) -> list:
-    s = exp["shrink"]
-    return ["--model.nf", str(s["nf"]), "--model.ch_mult", ",".join(map(str, s["ch_mult"])),
-            "--model.num_res_blocks", str(s["num_res_blocks"]),
-            "--model.attn_resolutions", ",".join(map(str, s["attn_resolutions"]))]
+    """The overrides that give minisgm's preset the fixture's model fields."""
+    args = []
+    for key, value in exp["model"].items():
+        args += [f"--model.{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return args
 
 
 def config_for(case):

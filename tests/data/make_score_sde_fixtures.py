@@ -2,7 +2,8 @@
 
 Needs a checkout of https://github.com/yang-song/score_sde_pytorch (Apache-2.0); nothing of it
 is stored here. For each case, a small network of the official code (its own config file,
-shrunk to nf=8, ch_mult=(1, 2), one residual block per level, attention at 16x16) gets random
+shrunk to nf=8, ch_mult=(1, 2), one residual block per level, attention at 16x16; one case
+with the pyramids of its high-resolution models) gets random
 weights, takes two training steps with the official loss, Adam and EMA, and is saved in the
 format of the official ``utils.save_checkpoint`` (``{"optimizer", "model", "ema", "step"}``)
 as ``score_sde_<case>.pth``. Beside it, ``score_sde_<case>_expected.pt`` holds a batch
@@ -24,12 +25,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
 from vs_score_sde import load_reference, randomize_weights, reference_sde  # noqa: E402
 
-CASES = {  # case -> (the official config file, minisgm preset it corresponds to)
-    "ve_ncsnpp": ("configs/ve/cifar10_ncsnpp_continuous.py", "cifar10_ncsnpp_ve"),
-    "vp_ddpmpp": ("configs/vp/cifar10_ddpmpp_continuous.py", "cifar10_ddpmpp_vp"),
-    "subvp_ddpmpp": ("configs/subvp/cifar10_ddpmpp_continuous.py", "cifar10_ddpmpp_subvp"),
-}
 SHRINK = {"nf": 8, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,)}
+# The layout of the official high-resolution models (CelebA-HQ, FFHQ, LSUN): output and input
+# pyramids with skip connections instead of the CIFAR-10 models' residual input pyramid.
+SKIP = {**SHRINK, "progressive": "output_skip", "progressive_input": "input_skip"}
+CASES = {  # case -> (the official config file, minisgm preset it corresponds to, model fields set in both)
+    "ve_ncsnpp": ("configs/ve/cifar10_ncsnpp_continuous.py", "cifar10_ncsnpp_ve", SHRINK),
+    "vp_ddpmpp": ("configs/vp/cifar10_ddpmpp_continuous.py", "cifar10_ddpmpp_vp", SHRINK),
+    "subvp_ddpmpp": ("configs/subvp/cifar10_ddpmpp_continuous.py", "cifar10_ddpmpp_subvp", SHRINK),
+    "ve_ncsnpp_skip": ("configs/ve/cifar10_ncsnpp_continuous.py", "cifar10_ncsnpp_ve", SKIP),
+}
 
 
 def main() -> None:
@@ -40,13 +45,13 @@ def main() -> None:
     mods, _ = load_reference(ref, "native")
     import importlib.util
 
-    for case, (cfg_file, preset) in CASES.items():
+    for case, (cfg_file, preset, fields) in CASES.items():
         spec = importlib.util.spec_from_file_location(f"cfg_{case}", ref / cfg_file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
         config.device = torch.device("cpu")
-        for k, v in SHRINK.items():
+        for k, v in fields.items():
             setattr(config.model, k, v)
         config.model.ema_rate = 0.5  # so that EMA and raw weights differ clearly after two steps
         config.optim.warmup = 0
@@ -76,7 +81,7 @@ def main() -> None:
             ema.copy_to(model.parameters())
             smooth = score_fn(xb, t)
             ema.restore(model.parameters())
-        torch.save({"preset": preset, "shrink": {k: list(v) if isinstance(v, tuple) else v for k, v in SHRINK.items()},
+        torch.save({"preset": preset, "model": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
                     "x": xb, "t": t, "score_model": raw, "score_ema": smooth},
                    HERE / f"score_sde_{case}_expected.pt")
         print(case, "->", HERE / f"score_sde_{case}.pth")
