@@ -20,7 +20,7 @@ its raw weights the run's ``model``. The optimizer state is not converted: an im
 samples and evaluates, but does not resume training. Networks trained by that code condition
 on the VE noise scale ``sigma(t)`` rather than on the exact marginal std
 ``sqrt(sigma(t)^2 - sigma_min^2)``, so VE runs are imported with ``sde.exact_variance=false``.
-Book: :ref:`sec-scaling-up`.
+Book: :ref:`sec-official-checkpoints`.
 """
 
 from __future__ import annotations

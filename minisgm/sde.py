@@ -238,7 +238,8 @@ class VESDE(SDE):
     size ``sigma_min``. We keep the exact form so that simulation and formula agree.
     ``exact_variance=False`` gives score_sde_pytorch's convention (the same SDE started from
     the data smoothed by ``N(0, sigma_min^2 I)``), which networks trained by that code, such
-    as the checkpoints imported by :mod:`minisgm.convert`, expect. Book: :ref:`sec-sde-ve`.
+    as the checkpoints imported by :mod:`minisgm.convert`, expect. Book: :ref:`sec-sde-ve`,
+    :ref:`sec-official-checkpoints`.
     """
 
     eps = 1e-5
