@@ -155,8 +155,7 @@ def evaluate_fid(model, cfg, sde, n: int = 50_000, sampler: str = "em", steps: i
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m minisgm.evaluate``."""
-    from .checkpoint import CheckpointError
-    from .sample import SAMPLERS, load_run, resolve_device
+    from .sample import SAMPLERS, load_run_for_cli
 
     p = argparse.ArgumentParser(prog="python -m minisgm.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
@@ -175,12 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.n < 0:
         p.error(f"--n must be >= 0, got {args.n}")
-    device = resolve_device(args.device)
-    try:
-        model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = load_run_for_cli(args)
+    if loaded is None:
         return 2
+    model, cfg, sde, step, device = loaded
     if args.data_path is not None:
         cfg.data.path = args.data_path
     sampler = args.sampler or cfg.sample.sampler

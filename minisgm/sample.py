@@ -174,10 +174,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m minisgm.sample``."""
+def load_run_for_cli(args: argparse.Namespace):
+    """``(model, cfg, sde, step, device)`` from ``--ckpt``, ``--device``, ``--no-ema``; None after
+    printing why the checkpoint cannot be used (the CLIs then exit with code 2)."""
     from .checkpoint import CheckpointError
 
+    device = resolve_device(args.device)
+    try:
+        return (*load_run(args.ckpt, device, use_ema=not args.no_ema), device)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m minisgm.sample``."""
     p = argparse.ArgumentParser(prog="python -m minisgm.sample", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="run folder (uses its checkpoint.pt) or a checkpoint file")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the run's sample.sampler")
@@ -195,12 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    device = resolve_device(args.device)
-    try:
-        model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = load_run_for_cli(args)
+    if loaded is None:
         return 2
+    model, cfg, sde, step, device = loaded
     from .train import example_shape, n_classes_of
 
     sampler = args.sampler or cfg.sample.sampler
