@@ -173,6 +173,27 @@ def bench_one(cfg: NCSNppConfig, device: torch.device, mode: str, batch_size: in
             "warmup_s": warm_s}
 
 
+def checked_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 valid_presets: List[str]) -> Tuple[List[str], List[str], torch.device]:
+    """``(presets, modes, device)`` from the shared options; ``parser.error`` on bad values."""
+    presets = [p for p in args.presets.split(",") if p]
+    modes = [m for m in args.modes.split(",") if m]
+    for p in presets:
+        if p not in valid_presets:
+            parser.error(f"unknown preset {p!r}; choose from {list(valid_presets)}")
+    for m in modes:
+        if m not in MODES:
+            parser.error(f"unknown mode {m!r}; choose from {MODES}")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return presets, modes, device
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,21 +209,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
 
-    presets = [p for p in args.presets.split(",") if p]
-    modes = [m for m in args.modes.split(",") if m and not (args.no_compile and "compile" in m)]
-    for p in presets:
-        if p not in PRESETS:
-            parser.error(f"unknown preset {p!r}; choose from {PRESETS}")
-    for m in modes:
-        if m not in MODES:
-            parser.error(f"unknown mode {m!r}; choose from {MODES}")
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    presets, modes, device = checked_args(parser, args, PRESETS)
+    modes = [m for m in modes if not (args.no_compile and "compile" in m)]
     peak = bf16_peak_tflops(device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

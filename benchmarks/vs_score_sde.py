@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import MODES, bench_one, flops_per_image, sync  # noqa: E402
+from train_throughput import MODES, bench_one, checked_args, flops_per_image, sync  # noqa: E402
 
 from minisgm.convert import convert_state_dict  # noqa: E402
 from minisgm.models import ncsnpp  # noqa: E402
@@ -248,21 +248,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
 
-    presets = [p for p in args.presets.split(",") if p]
-    modes = [m for m in args.modes.split(",") if m]
-    for p in presets:
-        if p not in REFERENCE_CONFIGS:
-            parser.error(f"unknown preset {p!r}; choose from {list(REFERENCE_CONFIGS)}")
-    for m in modes:
-        if m not in MODES:
-            parser.error(f"unknown mode {m!r}; choose from {MODES}")
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    presets, modes, device = checked_args(parser, args, list(REFERENCE_CONFIGS))
     try:
         mods, op_used = load_reference(args.ref.resolve(), args.op)
     except ReferenceUnavailable as err:
