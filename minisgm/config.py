@@ -227,7 +227,8 @@ def _cifar10(preset: str, model_preset: str, sde_kind: str) -> Config:
     return Config(
         preset=preset,
         model=dataclasses.replace(getattr(ncsnpp, model_preset)(), centered=not ve),
-        sde=SDEConfig(kind=sde_kind, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0),
+        # VE: the paper's marginal std s(t) = sigma(t), as its code trains (exact_variance=False).
+        sde=SDEConfig(kind=sde_kind, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0, exact_variance=not ve),
         # score-SDE: VE models see data in [0, 1], VP/sub-VP models see [-1, 1]; random flips.
         data=DataConfig(dataset="cifar10", path="data/cifar10", centered=not ve, random_flip=True),
         train=TrainConfig(

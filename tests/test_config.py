@@ -144,6 +144,7 @@ def test_cifar10_presets_follow_the_paper():
         assert (c.train.lr, c.train.warmup, c.train.grad_clip, c.train.batch_size, c.train.n_steps) == (2e-4, 5000, 1.0, 128, 1_300_000)
         assert c.train.ema_rate == (0.999 if ve else 0.9999)
         assert (c.sde.sigma_min, c.sde.sigma_max, c.sde.beta_min, c.sde.beta_max) == (0.01, 50.0, 0.1, 20.0)
+        assert not ve or c.sde.exact_variance is False  # score_sde's s(t) = sigma(t)
         assert c.data.centered == (not ve) and c.model.centered == c.data.centered and c.data.random_flip
         assert c.model.embedding_type == ("fourier" if ve else "positional")
         assert c.model.num_res_blocks == (8 if "deep" in name else 4)
