@@ -47,6 +47,12 @@ def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
+def values_checkable(t: Tensor) -> bool:
+    """Whether input checks may read ``t``'s values: not while ``torch.compile`` traces, and
+    not on the ``meta`` device (shapes only, used to count parameters and FLOPs)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
 def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
     """Check ``t`` against the batch ``x`` and return it as a ``[B]`` tensor of x's dtype/device.
 
@@ -64,7 +70,7 @@ def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
     elif t.shape != (B,):
         raise ValueError(f"t must be a scalar or have shape [B]=[{B}], got shape {list(t.shape)}")
     # One host sync; cheap next to a network evaluation and it catches the classic t-in-[0,N] bug.
-    if t.numel() and not torch.compiler.is_compiling():
+    if t.numel() and values_checkable(t):
         lo, hi = float(t.min()), float(t.max())
         if lo < 0.0 or hi > T * (1 + 1e-6):
             raise ValueError(f"t must lie in [0, {T}], got values in [{lo:.4g}, {hi:.4g}]")

@@ -64,6 +64,30 @@ def test_paper_parameter_counts(preset):
     assert next(model.parameters()).device.type == "meta"
 
 
+def test_score_forward_runs_on_the_meta_device():
+    # Shapes only: the input checks must not read values there, so FLOPs of the whole score
+    # s(x, t) (not only the raw network) can be counted without memory.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minisgm.sde import VESDE
+
+    cfg = nn_.ncsnpp_small()
+    with torch.device("meta"):
+        model = NCSNpp(cfg, VESDE(exact_variance=False))
+        x, t = torch.zeros(2, 3, 32, 32), torch.full((2,), 0.5)
+    with FlopCounterMode(display=False) as counter:
+        score = model(x, t)
+    assert score.device.type == "meta" and score.shape == x.shape
+    with torch.device("meta"):
+        raw = NCSNpp(cfg)
+        with FlopCounterMode(display=False) as counter_raw:
+            raw.network(x, torch.zeros(2))
+    assert counter.get_total_flops() == counter_raw.get_total_flops() > 0
+    # Real tensors are still checked.
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1"):
+        NCSNpp(cfg, VESDE())(torch.zeros(1, 3, 32, 32), torch.full((1,), 2.0))
+
+
 @pytest.mark.parametrize("preset", ["ncsnpp_small", "ddpmpp_small"])
 def test_small_presets_are_small(preset):
     with torch.device("meta"):

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..sde import values_checkable
+
 __all__ = ["GaussianFourierProjection", "SinusoidalEmbedding"]
 
 
@@ -140,7 +142,7 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         if self.cond == "sigma":
-            if not torch.compiler.is_compiling() and not bool((t > 0).all()):
+            if values_checkable(t) and not bool((t > 0).all()):
                 raise ValueError("sigma must be positive (the network embeds log sigma)")
             c = torch.log(t)
         else:
@@ -170,7 +172,7 @@ class ClassEmbedding(nn.Module):
             raise TypeError("class labels y must be an integer tensor [B]")
         if y.shape != (batch,):
             raise ValueError(f"class labels y must have shape [B]=[{batch}], got {list(y.shape)}")
-        if not torch.compiler.is_compiling() and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+        if values_checkable(y) and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             raise ValueError(
                 f"class labels must lie in 0..{self.num_classes} ({self.num_classes} = null class), "
                 f"got values in [{int(y.min())}, {int(y.max())}]"
@@ -197,7 +199,7 @@ def check_marginal_std(std: Tensor, batch: int) -> Tensor:
     if not torch.is_tensor(std) or std.shape != (batch,):
         shape = list(std.shape) if torch.is_tensor(std) else type(std).__name__
         raise ValueError(f"marginal_std(t) must return a [B]=[{batch}] tensor, got {shape}")
-    if not torch.compiler.is_compiling() and not bool((std > 0).all()):
+    if values_checkable(std) and not bool((std > 0).all()):
         raise ValueError("marginal_std(t) must be positive; at t = 0 the VP/VE std is 0, so evaluate at t >= sde.eps")
     return std
 

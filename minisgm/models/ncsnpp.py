@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minisgm.models.embeddings import GaussianFourierProjection
-from minisgm.sde import batch_time
+from minisgm.sde import batch_time, values_checkable
 
 __all__ = [
     "NCSNppConfig",
@@ -856,7 +856,7 @@ class NCSNpp(nn.Module):
         if not torch.is_tensor(std) or std.shape != t.shape:
             raise ValueError(f"marginal_std(t) must return a [B] tensor, got "
                              f"{getattr(std, 'shape', type(std))}")
-        if not torch.compiler.is_compiling() and std.numel() and float(std.min()) <= 0:
+        if values_checkable(std) and std.numel() and float(std.min()) <= 0:
             raise ValueError(
                 "s(t) must be positive: the score is undefined where the marginal std is 0 "
                 "(use t >= sde.eps)"
@@ -883,7 +883,7 @@ class NCSNpp(nn.Module):
         if class_labels.shape != (x.shape[0],) or class_labels.dtype != torch.long:
             raise ValueError(f"class_labels must be a long tensor of shape [{x.shape[0]}], got "
                              f"{class_labels.dtype} {list(class_labels.shape)}")
-        if not torch.compiler.is_compiling() and class_labels.numel():
+        if values_checkable(class_labels) and class_labels.numel():
             lo, hi = int(class_labels.min()), int(class_labels.max())
             if lo < 0 or hi >= c.num_classes:
                 raise ValueError(f"class_labels must lie in [0, {c.num_classes - 1}], got "
