@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install book test test-unit test-book clean
+.PHONY: install book test test-unit check-portable clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,9 +41,24 @@ book: $(STAMP) $(WIDGETS_JS)
 	$(BIN)/jupyter-book build . -W --keep-going
 	@echo "Open _build/html/index.html"
 
-# Unit tests and strict nbval on every chapter, two workers, one notebook per worker.
+# Unit tests and strict nbval on every chapter, two workers, one notebook per worker; then
+# everything again with PyTorch's generic CPU kernels (ATEN_CPU_CAPABILITY=default), a stand-in
+# for "another CPU": committed outputs and exact float comparisons must hold on any CPU.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --nbval
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval tests book $(PYTEST_ARGS)
+	$(PYTEST) tests book $(PYTEST_ARGS)
+	@echo "== again with the generic CPU kernels (ATEN_CPU_CAPABILITY=default)"
+	ATEN_CPU_CAPABILITY=default $(PYTEST) tests book $(PYTEST_ARGS)
+
+# One chapter (or any pytest path) under every kernel set this CPU offers x 1 and 2 threads:
+#   make check-portable NB=book/04_langevin_dynamics.ipynb
+NB ?= book
+check-portable: $(STAMP)
+	@set -e; for cap in native default avx2; do for th in 1 2; do \
+	  if [ $$cap = native ]; then env=""; else env="ATEN_CPU_CAPABILITY=$$cap"; fi; \
+	  echo "== $(NB): kernels $$cap, $$th thread(s)"; \
+	  env $$env OMP_NUM_THREADS=$$th $(BIN)/python -m pytest -q --nbval $(NB) $(PYTEST_ARGS); \
+	done; done
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests $(PYTEST_ARGS)

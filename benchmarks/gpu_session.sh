@@ -10,7 +10,7 @@
 # to $WORK (default /tmp/minisgm-gpu). The package is used from this checkout (PYTHONPATH), with
 # the machine's own PyTorch. For "compare", REF names a score_sde_pytorch checkout (default
 # .ref/score_sde_pytorch, an ignored folder a session can fill and carry). Each stage prints
-# what it measured; copy the tables into the README and chapter 9 with the hardware line.
+# what it measured; copy the tables into the README and the CIFAR-10 chapter with the hardware line.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh tests|throughput|compare|train}
 out=${OUT:-gpu-results}

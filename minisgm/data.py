@@ -3,7 +3,7 @@
 The Gaussian mixture is the book's oracle: its log-density and score are exact, and the law of
 ``m x + s z`` (``z ~ N(0, I)``) is again a Gaussian mixture, so the score of every noised
 marginal ``p_t`` of a linear SDE is known in closed form (:func:`exact_score_fn`).
-Book: chapter 2 (:ref:`sec-gmm-score`) and chapter 6 (:ref:`sec-exact-scores`).
+Book: :ref:`sec-gmm-score`, :ref:`sec-exact-scores`.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class GaussianMixture:
         return torch.logsumexp(lp, dim=1), (r[..., None] * grad).sum(1).reshape(x.shape)
 
     def posterior_probs(self, x: Tensor) -> Tensor:
-        """Responsibilities ``p(k | x)``, shape ``[B, K]`` (an exact classifier for chapter 8)."""
+        """Responsibilities ``p(k | x)``, shape ``[B, K]`` (an exact classifier, :ref:`sec-classifier-guidance`)."""
         lp, _ = self.component_log_probs(x)
         return torch.softmax(lp, dim=1)
 
@@ -256,7 +256,7 @@ __all__ += ["exact_log_prob_fn"]
 
 
 # =========================================================================================
-# 2-D toy distributions (two moons are trained on in chapter 5). Book: :ref:`sec-ncsn-toy`.
+# 2-D toy distributions . Book: :ref:`sec-ncsn-toy`.
 #
 # Every sampler has the signature ``f(n, generator=None, device=None, dtype=torch.float32,
 # **shape_params) -> [n, 2]`` and is standardised to a common scale: centred at (about) the

@@ -11,7 +11,7 @@ Inception features make no sense for 8x8 images, so this module trains a small C
 scikit-learn digits (deterministically, in a few seconds, once per process) and uses its
 penultimate layer. A nearest-neighbour check completes the picture: a low distance is no
 credit if the samples are copies of training images.
-Book: chapter 5 (:ref:`sec-ncsn-digits`).
+Book: :ref:`sec-ncsn-digits`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ two dimensions and hopeless beyond a handful. The score does not need it:
 
 LeCun, Chopra, Hadsell, Ranzato & Huang (2006), "A tutorial on energy-based learning";
 Song & Kingma (2021), "How to train your energy-based models", arXiv:2101.03288, eqs. (1)-(3).
-Book: chapter 1 (:ref:`sec-ebm`, :ref:`sec-partition-quadrature`, :ref:`sec-ebm-score`).
+Book: :ref:`sec-ebm`, :ref:`sec-partition-quadrature`, :ref:`sec-ebm-score`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class EnergyMLP(nn.Module):
     """A scalar energy ``E_theta(x)``: an MLP with smooth (SiLU) activations, ``[B, d] -> [B]``.
 
     ``E(x) = MLP(x) + confinement * ||x||^2 / 2``. The activations are smooth because score
-    matching (chapter 3) differentiates the score ``-grad_x E`` once more: with ReLU the
+    matching differentiates the score ``-grad_x E`` once more: with ReLU the
     Hessian of ``E`` would vanish almost everywhere. An MLP with SiLU grows at most linearly,
     so ``exp(-E)`` need not be integrable on ``R^d``; any ``confinement > 0`` makes it so.
 

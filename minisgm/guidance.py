@@ -10,7 +10,7 @@ splits into the unconditional score and the gradient of a forward model (eq. 14,
 Every guided score here is again a ``score_fn(x [B, ...], t [B]) -> like x``, so it composes
 with every sampler of :mod:`minisgm.samplers`. Inpainting and colorization need to edit the
 state between steps, so :func:`inpaint_sample` runs its own (short) predictor-corrector loop
-with the step functions of :mod:`minisgm.samplers`. Book: chapter 8 (:ref:`sec-guidance`).
+with the step functions of :mod:`minisgm.samplers`. Book: :ref:`sec-guidance`.
 """
 
 from __future__ import annotations

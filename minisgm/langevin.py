@@ -15,9 +15,10 @@ Step convention (all three samplers, and NCSNv2's Algorithm 1): one step is
 ``x + alpha * s + sqrt(2 alpha) z``. (Song & Ermon 2019 write ``alpha/2 * s + sqrt(alpha) z``,
 i.e. their alpha is twice ours.)
 
-Return values: :func:`langevin_sample` returns ``x`` (its number of score evaluations is
-simply ``n_steps``); :func:`mala_sample` returns ``(x, acceptance_rate)``;
-:func:`annealed_langevin_sample` returns ``(x, nfe)`` like the SDE samplers.
+Return values: every sampler returns ``(x, nfe)``, the final state and the number of score
+evaluations, like the SDE samplers of :mod:`minisgm.samplers`. ``callback(k, x)`` sees the
+state after step ``k``; :func:`mala_sample`'s callback also gets the step's acceptance mask,
+``callback(k, x, accepted)``, from which the acceptance rate follows.
 Randomness goes through the optional ``generator``; everything follows x0's device/dtype.
 """
 
@@ -81,16 +82,17 @@ def langevin_sample(
     x0: Tensor,
     step_size: float,
     n_steps: int,
+    *,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, Tensor], None]] = None,
-) -> Tensor:
+) -> Tuple[Tensor, int]:
     """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + eps s(x_k) + sqrt(2 eps) z_k``.
 
     The Euler-Maruyama discretisation of ``dx = grad log p(x) dt + sqrt(2) dw``, whose
     stationary law is ``p``; for ``eps > 0`` the chain's stationary law is biased (on
     ``N(0, s^2)`` its variance is ``s^2 / (1 - eps / (2 s^2))``). Runs every chain of the
     batch ``x0 [B, ...]`` in parallel; ``callback(k, x)`` sees the state after step ``k``
-    (``k = 0..n_steps-1``). Returns ``x [B, ...]`` (``n_steps`` score evaluations).
+    (``k = 0..n_steps-1``). Returns ``(x [B, ...], nfe = n_steps)``.
     Book: :ref:`sec-langevin`. Roberts & Tweedie (1996) (their "ULA").
     """
     x = _check_x0(x0).clone()
@@ -102,7 +104,7 @@ def langevin_sample(
         x = x + eps * s + noise_scale * randn_like(x, generator)
         if callback is not None:
             callback(k, x)
-    return x
+    return x, n_steps
 
 
 def _autograd_score(log_prob_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -121,10 +123,11 @@ def mala_sample(
     x0: Tensor,
     step_size: float,
     n_steps: int,
+    *,
     score_fn: Optional[Callable[[Tensor], Tensor]] = None,
     generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, Tensor], None]] = None,
-) -> Tuple[Tensor, float]:
+    callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
+) -> Tuple[Tensor, int]:
     """Metropolis-adjusted Langevin: a ULA proposal accepted with the MH probability.
 
     Proposal ``y = x + eps s(x) + sqrt(2 eps) z``, i.e. ``q(y|x) = N(y; x + eps s(x), 2 eps I)``;
@@ -132,8 +135,10 @@ def mala_sample(
     ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - eps s(y)||^2 / (2 eps)) / 2``. The chain
     leaves ``p`` exactly invariant for every ``eps`` (Roberts & Tweedie 1996, "MALA").
     ``log_prob_fn(x) -> [B]`` may be unnormalised; ``score_fn`` defaults to its autograd
-    gradient. Returns ``(x, acceptance_rate)``, the rate averaged over chains and steps
-    (``nan`` when ``n_steps == 0``). Book: :ref:`sec-mala`.
+    gradient. ``callback(k, x, accepted)`` sees the state after step ``k`` and the ``[B]``
+    boolean mask of the chains whose proposal was accepted (average it for the acceptance
+    rate). Returns ``(x, nfe)`` with ``nfe = n_steps + 1`` score evaluations (the start and
+    every proposal). Book: :ref:`sec-mala`.
     """
     x = _check_x0(x0).clone()
     eps = _check_step(step_size)
@@ -149,7 +154,6 @@ def mala_sample(
         return lp, _check_score(score_fn(v), v)
 
     lp_x, s_x = evaluate(x)
-    n_accept = torch.zeros((), dtype=torch.float64, device=x.device)
     gen_device = generator.device if generator is not None else x.device
     view = (-1,) + (1,) * (x.dim() - 1)
     for k in range(n_steps):
@@ -165,11 +169,9 @@ def mala_sample(
         x = torch.where(accept.view(view), y, x)
         s_x = torch.where(accept.view(view), s_y, s_x)
         lp_x = torch.where(accept, lp_y, lp_x)
-        n_accept += accept.sum()
         if callback is not None:
-            callback(k, x)
-    rate = float(n_accept) / (n_steps * x.shape[0]) if n_steps > 0 else float("nan")
-    return x, rate
+            callback(k, x, accept)
+    return x, n_steps + 1
 
 
 # ----- annealed Langevin dynamics ---------------------------------------------------------
@@ -192,6 +194,7 @@ def annealed_langevin_sample(
     sigmas: Sequence[float] | Tensor,
     step_lr: float,
     n_steps_each: int,
+    *,
     denoise: bool = True,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, Tensor], None]] = None,

@@ -14,7 +14,7 @@ Integrating from ``eps`` to ``T``:
 which we solve jointly with the ODE (Song et al. 2021, app. D.2). The divergence is exact
 (one backward pass per dimension, for small ``d``) or Hutchinson's estimate
 ``E[u^T J u]``, ``E[u u^T] = I``, with probes drawn once per solve (Grathwohl et al. 2019,
-FFJORD). Book: chapter 9 (:ref:`sec-likelihood`).
+FFJORD). Book: :ref:`sec-likelihood`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generati
 through Stochastic Differential Equations", ICLR (arXiv:2011.13456): Euler-Maruyama on the
 reverse SDE (eq. 6), reverse diffusion (eq. 45), ancestral sampling (eqs. 46-47), the
 predictor-corrector scheme (Algorithm 1, with the Langevin corrector of Algorithms 4-5) and
-the probability-flow ODE (eq. 13). Book: chapter 7 (:ref:`sec-samplers`).
+the probability-flow ODE (eq. 13). Book: :ref:`sec-samplers`.
 
 Every stochastic sampler shares one signature::
 

@@ -7,9 +7,9 @@ All losses estimate (up to a model-independent constant) a weighted Fisher diver
 so they share one convention: **the squared norm is summed over all data dimensions, carries
 the factor 1/2 of the papers, and is averaged over the batch** (``reduction="mean"``, a
 scalar). ``reduction="none"`` returns the ``[B]`` per-sample values instead (useful to
-measure an estimator's variance). Book: chapter 3 (:ref:`sec-score-matching`).
+measure an estimator's variance). Book: :ref:`sec-score-matching`.
 
-Score models here are callables. The unconditional ones of chapter 3 are ``score(x) -> like
+Score models here are callables. The unconditional ones of score matching are ``score(x) -> like
 x``; the noise-conditional one of NCSN is ``score(x, sigma[B])`` and the continuous-time
 one is ``score(x, t[B])``. An energy model fits the same mould through
 :func:`minisgm.ebm.energy_score_fn` (``score = -grad_x E``, differentiable, so it can be
@@ -83,7 +83,7 @@ def _check_sigma(sigma, x: Tensor) -> Tensor:
     return sig
 
 
-# ----- chapter 3: unconditional score matching --------------------------------------------
+# ----- score matching (:ref:`sec-score-matching`) -----------------------------------------
 def esm_loss(
     score_fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -202,7 +202,7 @@ def dsm_loss(
     return _reduce(0.5 * _sq_norm(s + z / sig), reduction)
 
 
-# ----- chapter 4: noise-conditional score networks ----------------------------------------
+# ----- noise-conditional score networks -----------------------------------------------
 def ncsn_loss(
     score_fn: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
@@ -233,7 +233,7 @@ def ncsn_loss(
     return _reduce(0.5 * _sq_norm(sig * s + z), reduction)
 
 
-# ----- chapter 6: continuous time ---------------------------------------------------------
+# ----- continuous time (SDEs) ---------------------------------------------------------
 def sde_loss(
     score_fn: Callable[[Tensor, Tensor], Tensor],
     sde: SDE,

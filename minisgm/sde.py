@@ -2,7 +2,7 @@
 
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
 through Stochastic Differential Equations", ICLR (arXiv:2011.13456), eqs. (5)-(6), (9),
-(11), (13), (29)-(34). Book: chapter 6 (:ref:`sec-sde-forward`).
+(11), (13), (29)-(34). Book: :ref:`sec-sde-forward`.
 
 Each SDE is one object holding everything a sampler or a loss needs:
 

@@ -44,25 +44,33 @@ def check_samples_match_gmm(x, seed):
     assert torch.allclose(w, GMM.weights, atol=0.04), w
 
 
+def mala_with_rate(*args, **kwargs):
+    """``(x, nfe, acceptance rate)``: the rate averaged over chains and steps from the callback."""
+    accepted = []
+    x, nfe = mala_sample(*args, callback=lambda k, x, a: accepted.append(a), **kwargs)
+    return x, nfe, torch.stack(accepted).double().mean().item()
+
+
 def test_ula_samples_the_mixture():
-    x = langevin_sample(GMM.score, init(), 0.01, 800, generator=gen(1))
+    x, nfe = langevin_sample(GMM.score, init(), 0.01, 800, generator=gen(1))
     check_samples_match_gmm(x, seed=2)
 
 
 def test_mala_samples_the_mixture_and_reports_acceptance():
-    x, rate = mala_sample(GMM.log_prob, init(), 0.1, 400, score_fn=GMM.score, generator=gen(3))
+    x, nfe, rate = mala_with_rate(GMM.log_prob, init(), 0.1, 400, score_fn=GMM.score, generator=gen(3))
     check_samples_match_gmm(x, seed=4)
     assert 0.5 < rate <= 1.0
+    assert nfe == 401
 
 
 def test_mala_autograd_score_equals_given_score():
-    a, ra = mala_sample(GMM.log_prob, init(50), 0.3, 20, score_fn=GMM.score, generator=gen(5))
-    b, rb = mala_sample(GMM.log_prob, init(50), 0.3, 20, generator=gen(5))
+    a, _, ra = mala_with_rate(GMM.log_prob, init(50), 0.3, 20, score_fn=GMM.score, generator=gen(5))
+    b, _, rb = mala_with_rate(GMM.log_prob, init(50), 0.3, 20, generator=gen(5))
     assert torch.allclose(a, b, atol=1e-12) and ra == rb
 
 
 def test_mala_acceptance_decreases_with_step_size():
-    rates = [mala_sample(GMM.log_prob, init(), eps, 50, score_fn=GMM.score, generator=gen(6))[1]
+    rates = [mala_with_rate(GMM.log_prob, init(), eps, 50, score_fn=GMM.score, generator=gen(6))[2]
              for eps in [0.05, 0.3, 1.0, 2.0]]
     assert all(0 < r <= 1 for r in rates)
     assert all(b < a for a, b in zip(rates, rates[1:])), rates
@@ -76,7 +84,7 @@ def test_ula_stationary_variance_on_a_gaussian():
     x0 = torch.randn(n, 1, generator=gen(7), dtype=DT)
     variances = []
     for eps in [0.1, 0.4, 1.0]:
-        x = langevin_sample(lambda y: -y / s2, x0, eps, 150, generator=gen(8))
+        x, _ = langevin_sample(lambda y: -y / s2, x0, eps, 150, generator=gen(8))
         v, exact = float(x.var()), s2 / (1 - eps / (2 * s2))
         assert abs(v / exact - 1) < 0.04, (eps, v, exact)
         variances.append(v)
@@ -86,7 +94,7 @@ def test_ula_stationary_variance_on_a_gaussian():
 def test_mala_is_unbiased_where_ula_is_not():
     s2 = 1.0
     x0 = 2.0 * torch.randn(20_000, 1, generator=gen(9), dtype=DT)  # start far from the target
-    x, rate = mala_sample(lambda y: -0.5 * y[:, 0] ** 2 / s2, x0, 1.0, 300, generator=gen(10))
+    x, _, rate = mala_with_rate(lambda y: -0.5 * y[:, 0] ** 2 / s2, x0, 1.0, 300, generator=gen(10))
     assert abs(float(x.var()) - s2) < 0.04  # ULA with the same step has variance 2.0
     assert 0 < rate < 1
 
@@ -94,10 +102,10 @@ def test_mala_is_unbiased_where_ula_is_not():
 def test_ula_callback_and_dtype():
     seen = []
     x0 = init(10).float()
-    x = langevin_sample(GMM.score, x0, 0.01, 5, generator=gen(11), callback=lambda k, v: seen.append((k, v)))
-    assert [k for k, _ in seen] == list(range(5))
+    x, nfe = langevin_sample(GMM.score, x0, 0.01, 5, generator=gen(11), callback=lambda k, v: seen.append((k, v)))
+    assert [k for k, _ in seen] == list(range(5)) and nfe == 5
     assert torch.equal(seen[-1][1], x) and x.dtype == torch.float32 and x.shape == x0.shape
-    assert torch.equal(langevin_sample(GMM.score, x0, 0.01, 0), x0)
+    assert torch.equal(langevin_sample(GMM.score, x0, 0.01, 0)[0], x0)
 
 
 # ----- annealed Langevin dynamics -----------------------------------------------------------
@@ -123,7 +131,7 @@ def test_annealed_langevin_recovers_weights_plain_langevin_does_not():
     std = float(x[x.sum(1) > 0].std(0).mean())
     assert abs(std - 1 / math.sqrt(1.25)) < 0.06, std
     # Plain Langevin with the clean score keeps the split of the uniform start (~1/2).
-    x_plain = langevin_sample(SEPARATED.score, x0, 0.05, 500, generator=gen(14))
+    x_plain, _ = langevin_sample(SEPARATED.score, x0, 0.05, 500, generator=gen(14))
     frac_plain = float((x_plain.sum(1) > 0).double().mean())
     assert abs(frac_plain - 0.8) > 0.2, frac_plain
 

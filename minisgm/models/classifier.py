@@ -1,4 +1,4 @@
-"""Noise-conditional classifiers ``p_phi(y | x_t, t)`` for classifier guidance (chapter 8).
+"""Noise-conditional classifiers ``p_phi(y | x_t, t)`` for classifier guidance (:ref:`sec-classifier-guidance`).
 
 Guidance adds ``w grad_x log p_phi(y | x_t, t)`` to the score (Song et al. 2021, eq. (48);
 Dhariwal & Nichol 2021), so the classifier must be trained on *noised* inputs at every ``t``.

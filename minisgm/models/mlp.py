@@ -1,7 +1,7 @@
 """Multilayer perceptrons for 2-D (and other vector) data: score, energy and classifier nets.
 
-Activations are SiLU everywhere: smooth, so that Jacobians (implicit score matching, chapter 3)
-and Hessians of an energy network (whose score is ``-grad E``, chapter 2) are meaningful; with
+Activations are SiLU everywhere: smooth, so that Jacobians (implicit score matching)
+and Hessians of an energy network (whose score is ``-grad E``) are meaningful; with
 ReLU the Hessian of the network would be zero almost everywhere.
 Book: :ref:`sec-score-networks`.
 """
@@ -34,7 +34,7 @@ def _check_input(x: Tensor, dim: int) -> None:
 class MLP(nn.Module):
     """Unconditional ``x [B, dim] -> [B, out_dim]``: ``n_layers`` hidden SiLU layers of width ``hidden``.
 
-    Used as a score model ``s_theta(x)`` for chapter 3 (``out_dim = dim``, the default) and as
+    Used as a score model ``s_theta(x)`` for score matching (``out_dim = dim``, the default) and as
     an energy network ``E_theta(x)`` with ``out_dim = 1`` (output ``[B, 1]``; squeeze it).
     """
 

@@ -1,4 +1,4 @@
-"""A small U-Net score network for 8x8 images (scikit-learn digits), chapter 7.
+"""A small U-Net score network for 8x8 images (scikit-learn digits) (:ref:`sec-unet`).
 
 The layout of DDPM / NCSN++ shrunk to fit two CPU cores: residual blocks (GroupNorm, SiLU,
 3x3 convolutions, the time embedding added in between; Ho et al. 2020, App. B), stride-2
