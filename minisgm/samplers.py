@@ -558,12 +558,13 @@ def heun_sample(
 
     On the grid ``t_i`` (the uniform :func:`time_grid` unless ``ts`` gives another decreasing
     grid of ``n_steps + 1`` times from ``T`` to ``eps``, such as :func:`edm_time_grid`), with
-    ``v(x, t) = f - g^2 score / 2``:
-    ``d_i = v(x_i, t_i)``, ``x' = x_i + (t_{i+1} - t_i) d_i``, and, except on the last step,
-    ``x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + v(x', t_{i+1})) / 2``. The last step is a plain
-    Euler step, as in Karras et al. (2022, Algorithm 1), so ``nfe = 2 n_steps - 1``.
-    ``denoise`` is accepted for the shared signature; an ODE step adds no noise, so it has no
-    effect. Book: :ref:`sec-samplers-ode`.
+    ``v(x, t) = f - g^2 score / 2``: ``d_i = v(x_i, t_i)``, ``x' = x_i + (t_{i+1} - t_i) d_i``,
+    ``x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + v(x', t_{i+1})) / 2``, so ``nfe = 2 n_steps``.
+    Every step is a Heun step, the last one too: Karras et al. (2022, Algorithm 1) end with
+    an Euler step only because their last time has zero noise, where the velocity is not
+    needed; here ``t_N = eps > 0`` and a final Euler step would be the largest single error
+    at low NFE. ``denoise`` is accepted for the shared signature; an ODE step adds no noise,
+    so it has no effect. Book: :ref:`sec-samplers-ode`.
     """
     n_steps = _check_n_steps(n_steps)
     ts = _check_grid(sde, n_steps, eps, ts)
@@ -574,14 +575,9 @@ def heun_sample(
         t, t_next = ts[i], ts[i + 1]
         h = t_next - t  # negative: we integrate backwards in time
         d = sde.ode_drift(score_fn, x, t)
-        nfe += 1
-        x_euler = x + h * d
-        if i < n_steps - 1:
-            d_next = sde.ode_drift(score_fn, x_euler, t_next)
-            nfe += 1
-            x = x + h * 0.5 * (d + d_next)
-        else:
-            x = x_euler
+        d_next = sde.ode_drift(score_fn, x + h * d, t_next)
+        nfe += 2
+        x = x + h * 0.5 * (d + d_next)
         if callback is not None:
             callback(i, t_next, x)
     return x, nfe
