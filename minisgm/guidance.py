@@ -8,9 +8,10 @@ splits into the unconditional score and the gradient of a forward model (eq. 14,
     grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x).
 
 Every guided score here is again a ``score_fn(x [B, ...], t [B]) -> like x``, so it composes
-with every sampler of :mod:`minisgm.samplers`. Inpainting and colorization need to edit the
-state between steps, so :func:`inpaint_sample` runs its own (short) predictor-corrector loop
-with the step functions of :mod:`minisgm.samplers`. Book: :ref:`sec-guidance`.
+with every sampler of :mod:`minisgm.samplers`. Inpainting and colorization edit the state
+between steps: :func:`inpaint_sample` runs the samplers' own predictor-corrector update
+(:func:`minisgm.samplers.pc_update`) with a projection that puts the known entries back.
+Book: :ref:`sec-guidance`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_callable, check_number, check_tensor, check_values
 from .data import GaussianMixture
-# Private helpers of the samplers (score-shape check, generator-aware noise) are shared, not copied.
 from .samplers import (
     Callback,
+    CountedScore,
     StepFn,
-    checked_score_fn,
+    _finished,
+    _grid,
     langevin_corrector_step,
+    pc_update,
     reverse_diffusion_step,
-    time_grid,
+    sample_loop,
 )
 from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
@@ -48,18 +52,18 @@ ClassifierFn = Callable[[Tensor, Tensor], Tensor]
 """A noise-conditional classifier: ``logits(x [B, ...], t [B]) -> [B, K]`` (``log p_t(y | x)`` up to a constant)."""
 
 
-# ----- validation ---------------------------------------------------------------------------
-def _check_scale(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
+# ----- labels -------------------------------------------------------------------------------
 def _labels(y, x: Tensor, n_classes: Optional[int] = None) -> Tensor:
-    """``y`` (an int or an integer tensor ``[B]``) as a long tensor ``[B]`` on x's device."""
+    """``y`` (an int or an integer tensor ``[B]``) as a long tensor ``[B]`` on x's device.
+
+    The range ``0..n_classes-1`` of a tensor's values is checked only in debug mode
+    (:mod:`minisgm.checks`); an int is checked here.
+    """
     if isinstance(y, bool):
         raise TypeError("class label y must be an int or an integer tensor [B], got a bool")
     if isinstance(y, int):
+        if n_classes is not None and not 0 <= y < n_classes:
+            raise ValueError(f"class labels must lie in 0..{n_classes - 1}, got {y}")
         y = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise TypeError(f"class label y must be an int or an integer tensor [B], got {type(y).__name__}")
@@ -68,8 +72,9 @@ def _labels(y, x: Tensor, n_classes: Optional[int] = None) -> Tensor:
     if y.shape != (x.shape[0],):
         raise ValueError(f"class labels y must have shape [B]=[{x.shape[0]}], got {list(y.shape)}")
     y = y.to(device=x.device, dtype=torch.long)
-    if n_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(f"class labels must lie in 0..{n_classes - 1}, got values in [{int(y.min())}, {int(y.max())}]")
+    if n_classes is not None:
+        check_values(lambda: ((y >= 0) & (y < n_classes)).all(),
+                     lambda: f"class labels must lie in 0..{n_classes - 1}, got values in [{int(y.min())}, {int(y.max())}]")
     return y
 
 
@@ -94,19 +99,18 @@ def classifier_guided_score(score_fn: ScoreFn, classifier: ClassifierFn, y, scal
     Returns:
         ``guided(x [B, ...], t [B]) -> like x``. Book: :ref:`sec-classifier-guidance`.
     """
-    if not callable(score_fn) or not callable(classifier):
-        raise TypeError("score_fn and classifier must be callables of (x, t)")
-    scale = _check_scale("scale", scale)
+    check_callable("score_fn", score_fn, "score_fn(x, t)")
+    check_callable("classifier", classifier, "classifier(x, t)")
+    scale = check_number("scale", scale, 0.0)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        labels = _labels(y, x)
         with torch.enable_grad():  # samplers may run under no_grad
             x_in = x.detach().requires_grad_(True)
             logits = classifier(x_in, t)
             if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
                 got = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
                 raise ValueError(f"classifier(x, t) must return logits [B={x.shape[0]}, K], got {got}")
-            _labels(labels, x, logits.shape[1])  # labels within 0..K-1
+            labels = _labels(y, x, logits.shape[1])  # within 0..K-1 (a tensor's values: debug mode)
             # Summing over the batch is fine: sample b's log-prob depends on x[b] only.
             log_p_y = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
             grad = torch.autograd.grad(log_p_y, x_in)[0]
@@ -136,9 +140,8 @@ def classifier_free_guided_score(cond_score_fn: Callable[..., Tensor], y, w: flo
     Returns:
         ``guided(x [B, ...], t [B]) -> like x``. Book: :ref:`sec-classifier-free`.
     """
-    if not callable(cond_score_fn):
-        raise TypeError("cond_score_fn must be callable as cond_score_fn(x, t, y)")
-    w = _check_scale("w", w)
+    check_callable("cond_score_fn", cond_score_fn, "cond_score_fn(x, t, y)")
+    w = check_number("w", w, 0.0)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         labels = _labels(y, x)
@@ -169,8 +172,7 @@ def gmm_class_logits_fn(gmm: GaussianMixture, sde: SDE) -> ClassifierFn:
 
 # ----- inpainting / imputation --------------------------------------------------------------
 def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
-    if not torch.is_tensor(x_known) or not x_known.dtype.is_floating_point or x_known.dim() < 2:
-        raise TypeError("x_known must be a floating-point tensor of shape [B, ...]")
+    check_tensor("x_known", x_known, min_dim=2, floating=True)
     if not torch.is_tensor(mask):
         raise TypeError(f"mask must be a torch.Tensor (1 = known, 0 = missing), got {type(mask).__name__}")
     try:
@@ -181,6 +183,7 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
         raise ValueError(
             f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape {list(x_known.shape)}"
         )
+    # Read once, before sampling: a mask that is not 0/1 would silently blend data and samples.
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (missing) and 1 (known)")
     return mask.to(device=x_known.device, dtype=x_known.dtype)
@@ -230,38 +233,23 @@ def inpaint_sample(
         Book: :ref:`sec-inpainting`.
     """
     mask = _check_mask(mask, x_known)
-    if predictor is None and corrector is None:
-        raise ValueError("inpaint_sample needs a predictor, a corrector or both; got neither")
-    if corrector is not None and (
-        not isinstance(n_corrector_steps, int) or isinstance(n_corrector_steps, bool) or n_corrector_steps < 1
-    ):
-        raise ValueError(f"n_corrector_steps must be a positive int, got {n_corrector_steps!r}")
-    score_fn = checked_score_fn(score_fn)
-    ts = time_grid(sde, n_steps, eps, dtype=torch.float64).tolist()
-    dt = (sde.T - ts[-1]) / n_steps
+    grid = _grid(sde, n_steps, eps, None)
+    score = CountedScore(score_fn)
     x_known = x_known.detach()
 
-    def replace(x: Tensor, x_mean: Tensor, t: float) -> Tuple[Tensor, Tensor]:
+    def project(x: Tensor, x_mean: Tensor, t: float) -> Tuple[Tensor, Tensor]:
         known_mean, std = sde.marginal(x_known, t)
         known = known_mean + expand(std, x_known) * randn_like(x_known, generator)
         return mask * known + (1 - mask) * x, mask * known_mean + (1 - mask) * x_mean
 
+    update = pc_update(score, sde, predictor=predictor, corrector=corrector, snr=snr,
+                       n_corrector_steps=n_corrector_steps, generator=generator, project=project)
     gen_device = generator.device if generator is not None else x_known.device
     x = sde.prior_sample(x_known.shape, generator=generator, device=gen_device, dtype=x_known.dtype).to(x_known.device)
-    x, x_mean = replace(x, x, ts[0])
-    nfe = 0
-    for i in range(n_steps):
-        if predictor is not None:
-            x, x_mean = replace(*predictor(score_fn, sde, x, ts[i], dt, generator=generator), ts[i + 1])
-            nfe += 1
-        if corrector is not None:
-            for _ in range(n_corrector_steps):
-                x, x_mean = replace(*corrector(score_fn, sde, x, ts[i + 1], snr=snr, generator=generator), ts[i + 1])
-                nfe += 1
-        if callback is not None:
-            callback(i, ts[i + 1], x)
+    x, x_mean = project(x, x, grid[0])
+    x, x_mean = sample_loop(update, x, grid, callback)
     x = x_mean if denoise else x
-    return mask * x_known + (1 - mask) * x, nfe
+    return _finished(mask * x_known + (1 - mask) * x, score.nfe, "inpaint_sample")
 
 
 # ----- colorization -------------------------------------------------------------------------
@@ -330,7 +318,7 @@ def colorize_sample(
         shape = list(grey.shape) if torch.is_tensor(grey) else type(grey).__name__
         raise ValueError(f"grey must be a floating-point tensor [B, 1, H, W], got {shape}")
     M = colour_transform(n_channels, device=grey.device, dtype=grey.dtype)
-    score_fn = checked_score_fn(score_fn)
+    score_fn = CountedScore(score_fn)  # checks the shape of the colour score itself
 
     def score_u(u: Tensor, t: Tensor) -> Tensor:
         return _apply(M, score_fn(_apply(M.T, u), t))

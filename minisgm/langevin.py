@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_like, check_positive, check_tensor
 from .sde import randn_like
 
 __all__ = [
@@ -45,30 +46,7 @@ __all__ = [
 
 # ----- helpers ----------------------------------------------------------------------------
 def _check_x0(x0: Tensor) -> Tensor:
-    if not torch.is_tensor(x0):
-        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    if x0.dim() < 1 or not x0.is_floating_point():
-        raise ValueError(f"x0 must be a floating-point tensor of shape [B, ...], got {x0.dtype} {list(x0.shape)}")
-    return x0
-
-
-def _check_step(step_size: float, name: str = "step_size") -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (0 < step_size < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {step_size!r}")
-    return float(step_size)
-
-
-def _check_n(n: int, name: str, minimum: int = 0) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
-    return n
-
-
-def _check_score(s: Tensor, x: Tensor) -> Tensor:
-    if not torch.is_tensor(s) or s.shape != x.shape:
-        got = list(s.shape) if torch.is_tensor(s) else type(s).__name__
-        raise ValueError(f"score_fn must return a tensor shaped like x {list(x.shape)}, got {got}")
-    return s
+    return check_tensor("x0", x0, floating=True)
 
 
 def _sq_norm(v: Tensor) -> Tensor:
@@ -96,11 +74,11 @@ def langevin_sample(
     Book: :ref:`sec-langevin`. Roberts & Tweedie (1996) (their "ULA").
     """
     x = _check_x0(x0).clone()
-    eps = _check_step(step_size)
-    _check_n(n_steps, "n_steps")
+    eps = check_positive("step_size", step_size)
+    check_int("n_steps", n_steps, 0)
     noise_scale = math.sqrt(2 * eps)
     for k in range(n_steps):
-        s = _check_score(score_fn(x), x)
+        s = check_like("score_fn", score_fn(x), x)
         x = x + eps * s + noise_scale * randn_like(x, generator)
         if callback is not None:
             callback(k, x)
@@ -141,8 +119,8 @@ def mala_sample(
     every proposal). Book: :ref:`sec-mala`.
     """
     x = _check_x0(x0).clone()
-    eps = _check_step(step_size)
-    _check_n(n_steps, "n_steps")
+    eps = check_positive("step_size", step_size)
+    check_int("n_steps", n_steps, 0)
     score_fn = _autograd_score(log_prob_fn) if score_fn is None else score_fn
     noise_scale = math.sqrt(2 * eps)
 
@@ -151,7 +129,7 @@ def mala_sample(
         if not torch.is_tensor(lp) or lp.shape != (v.shape[0],):
             got = list(lp.shape) if torch.is_tensor(lp) else type(lp).__name__
             raise ValueError(f"log_prob_fn must return shape [B]=[{v.shape[0]}], got {got}")
-        return lp, _check_score(score_fn(v), v)
+        return lp, check_like("score_fn", score_fn(v), v)
 
     lp_x, s_x = evaluate(x)
     gen_device = generator.device if generator is not None else x.device
@@ -175,9 +153,9 @@ def mala_sample(
 
 
 # ----- annealed Langevin dynamics ---------------------------------------------------------
-def _check_sigmas(sigmas, like: Optional[Tensor] = None) -> Tensor:
-    opts = dict(dtype=like.dtype, device=like.device) if like is not None else dict(dtype=torch.float64)
-    sig = torch.as_tensor(sigmas, **opts)
+def _check_sigmas(sigmas, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The noise levels as a CPU tensor of ``dtype``: non-empty, 1-D, positive, decreasing."""
+    sig = torch.as_tensor(sigmas).detach().to("cpu", dtype)
     if sig.dim() != 1 or sig.numel() == 0:
         raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {list(sig.shape)}")
     if not (torch.isfinite(sig).all() and (sig > 0).all()):
@@ -213,24 +191,24 @@ def annealed_langevin_sample(
     ``nfe = L * n_steps_each + denoise``. Book: :ref:`sec-annealed-langevin`.
     """
     x = _check_x0(x0).clone()
-    sig = _check_sigmas(sigmas, x)
-    step_lr = _check_step(step_lr, "step_lr")
-    _check_n(n_steps_each, "n_steps_each")
+    sig = _check_sigmas(sigmas, x.dtype)  # checked on the host, before the loop
+    step_lr = check_positive("step_lr", step_lr)
+    check_int("n_steps_each", n_steps_each, 0)
+    alphas = [step_lr * r**2 for r in (sig / sig[-1]).tolist()]  # alpha_i = step_lr sigma_i^2 / sigma_L^2
+    sig = sig.to(x.device)
     B = x.shape[0]
-    sigma_L = sig[-1]
     nfe, k = 0, 0
-    for sigma in sig:
-        alpha = step_lr * float(sigma / sigma_L) ** 2
-        sigma_b = sigma.expand(B)
+    for i, alpha in enumerate(alphas):
+        sigma_b = sig[i].expand(B)
         for _ in range(n_steps_each):
-            s = _check_score(score_fn(x, sigma_b), x)
+            s = check_like("score_fn", score_fn(x, sigma_b), x)
             x = x + alpha * s + math.sqrt(2 * alpha) * randn_like(x, generator)
             nfe += 1
             if callback is not None:
                 callback(k, x)
             k += 1
     if denoise:
-        x = x + sigma_L**2 * _check_score(score_fn(x, sigma_L.expand(B)), x)
+        x = x + sig[-1] ** 2 * check_like("score_fn", score_fn(x, sig[-1].expand(B)), x)
         nfe += 1
     return x, nfe
 
@@ -248,11 +226,11 @@ def geometric_sigmas(
     ``sigma_i = sigma_max (sigma_min / sigma_max)^((i-1)/(n-1))``, shape ``[n]``, decreasing
     (Song & Ermon 2019, sec. 4.2; constant ratio ``gamma = sigma_{i-1}/sigma_i``).
     """
-    sigma_max = _check_step(sigma_max, "sigma_max")
-    sigma_min = _check_step(sigma_min, "sigma_min")
+    sigma_max = check_positive("sigma_max", sigma_max)
+    sigma_min = check_positive("sigma_min", sigma_min)
     if not sigma_max > sigma_min:
         raise ValueError(f"need sigma_max > sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}")
-    _check_n(n, "n", minimum=2)
+    check_int("n", n, 2)
     frac = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
     sig = torch.exp(math.log(sigma_max) + frac * (math.log(sigma_min) - math.log(sigma_max)))
     return sig.to(dtype=dtype, device=device)
@@ -291,11 +269,11 @@ def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: f
     ``(sigma_max/sigma_min)^(1/(L-1))`` is at most ``gamma``. The equation has a root only for
     ``sqrt(2D) > 3``, i.e. ``dim >= 5``; lower dimensions raise ``ValueError`` (choose L by hand).
     """
-    sigma_min = _check_step(sigma_min, "sigma_min")
-    sigma_max = _check_step(sigma_max, "sigma_max")
+    sigma_min = check_positive("sigma_min", sigma_min)
+    sigma_max = check_positive("sigma_max", sigma_max)
     if not sigma_max > sigma_min:
         raise ValueError(f"need sigma_max > sigma_min, got sigma_max={sigma_max}, sigma_min={sigma_min}")
-    _check_n(dim, "dim", minimum=1)
+    check_int("dim", dim, 1)
     if not 0 < target < _level_overlap(1.0, dim):
         raise ValueError(f"target must lie in (0, {_level_overlap(1.0, dim):.4f}), got {target}")
     if math.sqrt(2.0 * dim) <= 3.0:
@@ -337,7 +315,7 @@ def recommended_step_size(sigmas: Sequence[float] | Tensor, n_steps_each: int) -
     sig = _check_sigmas(sigmas)
     if sig.numel() < 2:
         raise ValueError("sigmas needs at least 2 levels")
-    T = _check_n(n_steps_each, "n_steps_each", minimum=1)
+    T = check_int("n_steps_each", n_steps_each, 1)
     gamma = float((sig[0] / sig[-1]) ** (1.0 / (sig.numel() - 1)))
     res = minimize_scalar(
         lambda u: _variance_ratio(u, gamma, T), bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-10}

@@ -25,7 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .samplers import _check_eps, _check_method, _check_tol
+from .checks import check_choice, check_int, check_number, check_positive, check_tensor
+from .samplers import CountedScore, NonFiniteSampleError, _eps, _finished, _ode_options
 from .sde import SDE, ScoreFn
 
 __all__ = ["log_likelihood", "divergence_exact", "divergence_hutchinson", "dequantize", "bits_per_dim", "bpd_from_logp"]
@@ -105,48 +106,37 @@ def log_likelihood(
     """
     from torchdiffeq import odeint
 
-    if not torch.is_tensor(x) or x.dim() < 1:
-        raise TypeError("x must be a torch.Tensor of shape [B, ...]")
+    check_tensor("x", x, nonempty=True)
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor (dequantize integers first), got {x.dtype}")
-    if hutchinson not in _HUTCHINSON:
-        raise ValueError(f"unknown hutchinson={hutchinson!r}; choose None (exact), 'gaussian' or 'rademacher'")
-    if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive int, got {n_probes!r}")
-    if not callable(score_fn):
-        raise TypeError("score_fn must be callable as score_fn(x, t)")
-    rtol, atol = _check_tol("rtol", rtol), _check_tol("atol", atol)
-    method = _check_method(method)
-    eps = _check_eps(sde, eps)
+    check_choice("hutchinson", hutchinson, _HUTCHINSON)
+    check_int("n_probes", n_probes)
+    _ode_options(rtol, atol, method, None)
+    eps = _eps(sde, eps)
     B = x.shape[0]
     probes = None if hutchinson is None else _draw_probes(x, hutchinson, n_probes, generator)
-    counter = [0]
-    model = score_fn
-
-    def checked_score(xt: Tensor, t: Tensor) -> Tensor:
-        s = model(xt, t)
-        if not torch.is_tensor(s) or s.shape != xt.shape:
-            got = list(s.shape) if torch.is_tensor(s) else type(s).__name__
-            raise ValueError(f"score_fn must return a tensor shaped like x {list(xt.shape)}, got {got}")
-        return s
+    score = CountedScore(score_fn, detach=False)  # the divergence differentiates it
 
     def func(t: Tensor, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
-        counter[0] += 1
         xt = state[0]
-        # The initial step-size heuristic may probe past T; clamp (see samplers._ode_func).
+        # The initial step-size heuristic may probe past T; clamp (see samplers._odeint).
         tb = t.to(xt.dtype).clamp(eps, sde.T).expand(B)
         with torch.enable_grad():
             xt = xt.detach().requires_grad_(True)
-            v = sde.ode_drift(checked_score, xt, tb)
+            v = sde.ode_drift(score, xt, tb)
             div = divergence_exact(v, xt) if probes is None else divergence_hutchinson(v, xt, probes)
         return v.detach(), div.detach()
 
     ts = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
     state0 = (x.detach(), torch.zeros(B, dtype=x.dtype, device=x.device))
     # Force the last step onto T so that no evaluation falls outside [eps, T].
-    xs, deltas = odeint(func, state0, ts, rtol=rtol, atol=atol, method=method, options={"step_t": ts[1:]})
-    x_T, delta_T = xs[-1], deltas[-1]
-    return sde.prior_logp(x_T) + delta_T, counter[0]
+    try:
+        xs, deltas = odeint(func, state0, ts, rtol=rtol, atol=atol, method=method, options={"step_t": ts[1:]})
+    except AssertionError as err:  # torchdiffeq reports step-size failures with assert
+        raise NonFiniteSampleError(f"log_likelihood: the ODE solver failed ({err}); the score model most "
+                                   "likely returned NaN or infinite values (check the checkpoint's weights)") from None
+    logp = sde.prior_logp(xs[-1]) + deltas[-1]
+    return _finished(logp[:, None], score.nfe, "log_likelihood")[0][:, 0], score.nfe
 
 
 def dequantize(
@@ -177,9 +167,7 @@ def dequantize(
 
 
 def _check_levels(n_levels: int) -> int:
-    if not isinstance(n_levels, int) or isinstance(n_levels, bool) or n_levels < 2:
-        raise ValueError(f"n_levels must be an int >= 2 (17 for sklearn digits, 256 for CIFAR-10), got {n_levels!r}")
-    return n_levels
+    return check_int("n_levels (17 for sklearn digits, 256 for CIFAR-10)", n_levels, 2)
 
 
 def bpd_from_logp(logp: Tensor, n_dims: int, n_levels: int, scale: float = 2.0) -> Tensor:
@@ -188,11 +176,9 @@ def bpd_from_logp(logp: Tensor, n_dims: int, n_levels: int, scale: float = 2.0) 
     ``bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2)``; see
     :func:`bits_per_dim` for the derivation. ``logp`` is ``[B]`` (nats); returns ``[B]``.
     """
-    if not isinstance(n_dims, int) or isinstance(n_dims, bool) or n_dims < 1:
-        raise ValueError(f"n_dims must be a positive int, got {n_dims!r}")
+    check_int("n_dims", n_dims)
     n_levels = _check_levels(n_levels)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    check_positive("scale", scale)
     D = n_dims
     return -(logp + D * math.log(scale) - D * math.log(n_levels)) / (D * math.log(2))
 
@@ -233,10 +219,8 @@ def bits_per_dim(
     Returns:
         ``(bpd [B], nfe)``. Book: :ref:`sec-likelihood-bpd`.
     """
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool):
-        raise TypeError(f"shift must be a number, got {type(shift).__name__}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    check_number("shift", shift)
+    check_positive("scale", scale)
     u = dequantize(x_int, n_levels, generator=generator, dtype=dtype)
     y = scale * u + shift
     logp, nfe = log_likelihood(

@@ -8,14 +8,17 @@ Each SDE is one object holding everything a sampler or a loss needs:
 
     dx = f(x, t) dt + g(t) dw,      t in [0, T],  T = 1,
 
-with a linear drift, so that p(x_t | x_0) = N(m(t) x_0, s(t)^2 I) in closed form
-(:meth:`SDE.marginal_coeffs`). From those two coefficients everything else follows
-generically: the exact one-step transition (:meth:`SDE.discretize`), the reverse-time SDE
-(Anderson 1982) and the probability-flow ODE. Adding an SDE means writing ``drift``,
-``diffusion`` and ``marginal_coeffs``; no sampler changes.
+with a linear drift, so that ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` in closed form
+(:meth:`SDE.marginal_coeffs`, in the book's notation :ref:`sec-notation`). From those two
+coefficients everything else follows generically: the exact one-step transition
+(:meth:`SDE.discretize`), the drift of the reverse-time SDE (Anderson 1982) and of the
+probability-flow ODE. Adding an SDE means writing ``drift``, ``diffusion`` and
+``marginal_coeffs``; no sampler changes.
 
 Shapes: ``x`` is ``[B, ...]``; ``t`` is ``[B]`` (a Python float or 0-d tensor is broadcast to
-the batch). Scalars of the SDE come back as ``[B]``.
+the batch). Scalars of the SDE come back as ``[B]``. A Python ``t`` is checked against
+``[0, T]`` for free; a tensor ``t`` only in debug mode (:mod:`minisgm.checks`), since reading
+its values back would stall a GPU at every sampler step.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "ReverseSDE", "batch_time", "expand", "randn_like"]
+from .checks import check_number, check_positive, check_tensor, check_values
+
+__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "batch_time", "expand", "randn_like"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """A score model: ``score(x [B, ...], t [B]) -> tensor shaped like x``."""
@@ -47,53 +52,53 @@ def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
-def values_checkable(t: Tensor) -> bool:
-    """Whether input checks may read ``t``'s values: not while ``torch.compile`` traces, and
-    not on the ``meta`` device (shapes only, used to count parameters and FLOPs)."""
-    return not torch.compiler.is_compiling() and t.device.type != "meta"
-
-
-def batch_time(t: Tensor | float, x: Tensor, T: float = 1.0) -> Tensor:
+def batch_time(t: Tensor | float, x: Tensor, T: Optional[float] = 1.0) -> Tensor:
     """Check ``t`` against the batch ``x`` and return it as a ``[B]`` tensor of x's dtype/device.
 
+    A Python number is checked to lie in ``[0, T]`` here; a tensor's values only in debug mode
+    (:func:`minisgm.checks.set_debug`), so that no sampler step reads a tensor back to the host.
+    ``T=None`` checks the shape only (for other conditioning inputs, such as noise levels).
+
     Raises:
-        ValueError: if ``t`` is not a scalar or a ``[B]`` vector, or lies outside ``[0, T]``.
+        TypeError: ``x`` is not a floating-point tensor, or ``t`` is neither a number nor a tensor.
+        ValueError: ``t`` is not a scalar or a ``[B]`` vector, or lies outside ``[0, T]``.
     """
-    if not torch.is_tensor(x):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have a batch dimension: expected shape [B, ...], got a 0-d tensor")
+    check_tensor("x", x, floating=True)
     B = x.shape[0]
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        t = t.expand(B)
-    elif t.shape != (B,):
-        raise ValueError(f"t must be a scalar or have shape [B]=[{B}], got shape {list(t.shape)}")
-    # One host sync; cheap next to a network evaluation and it catches the classic t-in-[0,N] bug.
-    if t.numel() and values_checkable(t):
-        lo, hi = float(t.min()), float(t.max())
-        if lo < 0.0 or hi > T * (1 + 1e-6):
-            raise ValueError(f"t must lie in [0, {T}], got values in [{lo:.4g}, {hi:.4g}]")
-    return t
-
-
-def _check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
+    if torch.is_tensor(t):
+        t = t.to(dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        elif t.shape != (B,):
+            raise ValueError(f"t must be a scalar or have shape [B]=[{B}], got shape {list(t.shape)}")
+        if T is None:
+            return t
+        check_values(
+            lambda: ((t >= 0) & (t <= T * (1 + 1e-6))).all(),
+            lambda: f"t must lie in [0, {T}], got values in [{float(t.min()):.4g}, {float(t.max()):.4g}]",
+        )
+        return t
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
+    if T is not None and not 0.0 <= t <= T * (1 + 1e-6):  # also rejects NaN
+        raise ValueError(f"t must lie in [0, {T}], got {t!r}")
+    return torch.full((B,), float(t), dtype=x.dtype, device=x.device)
 
 
 class SDE:
     """A linear forward SDE ``dx = f(x, t) dt + g(t) dw`` with Gaussian transitions.
 
-    Subclasses implement :meth:`drift`, :meth:`diffusion` and :meth:`marginal_coeffs`, and set
-    ``eps`` (the smallest time used by samplers and likelihoods) and :meth:`prior_std`.
+    Subclasses implement :meth:`drift`, :meth:`diffusion`, :meth:`marginal_coeffs` and
+    :meth:`prior_std`. ``eps`` is the smallest time used in training, sampling and likelihoods:
+    a class default that an instance may override (``VPSDE(eps=1e-5)``).
     """
 
     T: float = 1.0
     eps: float = 1e-5
+
+    def _set_eps(self, eps: Optional[float]) -> None:
+        if eps is not None:
+            self.eps = check_number("eps", eps, 0.0, self.T, lo_open=True, hi_open=True)
 
     # ----- the forward process -------------------------------------------------------------
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
@@ -105,7 +110,7 @@ class SDE:
         raise NotImplementedError
 
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(m(t), s(t))`` with ``p(x_t | x_0) = N(m(t) x_0, s(t)^2 I)``; each ``[B]``."""
+        """``(alpha_t, sigma_t)`` with ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)``; each ``[B]``."""
         raise NotImplementedError
 
     def prior_std(self) -> float:
@@ -113,21 +118,21 @@ class SDE:
         raise NotImplementedError
 
     def marginal(self, x0: Tensor, t: Tensor | float) -> Tuple[Tensor, Tensor]:
-        """Mean and std of ``p(x_t | x_0)``: ``(m(t) x0, s(t))``, shapes ``x0.shape`` and ``[B]``.
+        """Mean and std of ``p(x_t | x_0)``: ``(alpha_t x0, sigma_t)``, shapes ``x0.shape`` and ``[B]``.
 
         Song et al. (2021) eq. (29) (VE), (33) (VP), (34) (sub-VP).
         """
         t = batch_time(t, x0, self.T)
-        m, s = self.marginal_coeffs(t)
-        return expand(m, x0) * x0, s
+        alpha, sigma = self.marginal_coeffs(t)
+        return expand(alpha, x0) * x0, sigma
 
     def perturb(
         self, x0: Tensor, t: Tensor | float, generator: Optional[torch.Generator] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Draw ``x_t = m(t) x0 + s(t) z``; returns ``(x_t, z, s(t))``."""
-        mean, std = self.marginal(x0, t)
+        """Draw ``x_t = alpha_t x0 + sigma_t z``; returns ``(x_t, z, sigma_t)``."""
+        mean, sigma = self.marginal(x0, t)
         z = randn_like(x0, generator)
-        return mean + expand(std, x0) * z, z, std
+        return mean + expand(sigma, x0) * z, z, sigma
 
     def sample_time(
         self,
@@ -138,7 +143,7 @@ class SDE:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Times ``t ~ U[eps, T]``, shape ``[batch_size]`` (the training distribution of t)."""
-        eps = self.eps if eps is None else eps
+        eps = self.eps if eps is None else check_number("eps", eps, 0.0, self.T, lo_open=True, hi_open=True)
         u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
         return eps + (self.T - eps) * u
 
@@ -156,92 +161,61 @@ class SDE:
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """Log-density of ``z [B, ...]`` under the prior ``N(0, prior_std^2 I)``; shape ``[B]``."""
-        if z.dim() < 1:
-            raise ValueError("z must have shape [B, ...]")
-        d = z[0].numel()
+        check_tensor("z", z)
+        d = z[0].numel() if z.shape[0] else 0
         s = self.prior_std()
         sq = z.reshape(z.shape[0], -1).pow(2).sum(1)
         return -0.5 * d * math.log(2 * math.pi * s * s) - sq / (2 * s * s)
 
     # ----- discretisation ------------------------------------------------------------------
+    def transition_coeffs(self, t: Tensor, dt: float) -> Tuple[Tensor, Tensor]:
+        """``(a, v)`` with ``p(x_t | x_{t-dt}) = N(a x_{t-dt}, v I)``: ``a = alpha_t / alpha_{t-dt}``,
+        ``v = sigma_t^2 - a^2 sigma_{t-dt}^2`` (each ``[B]``; ``t`` a ``[B]`` tensor)."""
+        alpha_t, sigma_t = self.marginal_coeffs(t)
+        alpha_s, sigma_s = self.marginal_coeffs((t - dt).clamp(min=0.0))
+        a = alpha_t / alpha_s
+        return a, (sigma_t**2 - a**2 * sigma_s**2).clamp(min=0.0)
+
     def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> Tuple[Tensor, Tensor]:
         """Exact one-step transition from ``t - dt`` to ``t``: ``x_t = x + f + G z``.
 
         Returns ``(f, G)`` with ``f`` shaped like ``x`` and ``G`` of shape ``[B]``. Because
-        the SDE is linear, ``p(x_t | x_{t-dt}) = N(a x, v I)`` with ``a = m(t)/m(t-dt)`` and
-        ``v = s(t)^2 - a^2 s(t-dt)^2``; so ``f = (a - 1) x`` and ``G = sqrt(v)``. For VE this is
-        the SMLD noise chain, for VP it is DDPM's recursion ``x_t = sqrt(1-beta) x + sqrt(beta) z``
-        with ``beta = 1 - m(t)^2/m(t-dt)^2`` (Song et al. 2021, app. B).
+        the SDE is linear, ``p(x_t | x_{t-dt}) = N(a x, v I)`` with ``a = alpha_t/alpha_{t-dt}``
+        and ``v = sigma_t^2 - a^2 sigma_{t-dt}^2``; so ``f = (a - 1) x`` and ``G = sqrt(v)``.
+        For VE this is the SMLD noise chain, for VP it is DDPM's recursion
+        ``x_t = sqrt(1-beta) x + sqrt(beta) z`` with ``beta = 1 - alpha_t^2/alpha_{t-dt}^2``
+        (Song et al. 2021, app. B).
         """
-        if not dt > 0:
-            raise ValueError(f"dt must be positive, got {dt}")
-        t = batch_time(t, x, self.T)
-        s_prev = (t - dt).clamp(min=0.0)
-        m_t, std_t = self.marginal_coeffs(t)
-        m_s, std_s = self.marginal_coeffs(s_prev)
-        a = m_t / m_s
-        v = (std_t**2 - a**2 * std_s**2).clamp(min=0.0)
+        check_positive("dt", dt)
+        a, v = self.transition_coeffs(batch_time(t, x, self.T), dt)
         return (expand(a, x) - 1.0) * x, v.sqrt()
 
     # ----- time reversal -------------------------------------------------------------------
-    def reverse_drift(self, score_fn: ScoreFn, x: Tensor, t: Tensor, probability_flow: bool = False) -> Tensor:
+    def reverse_drift(self, score_fn: ScoreFn, x: Tensor, t: Tensor | float, probability_flow: bool = False) -> Tensor:
         """Drift of the reverse-time SDE ``f - g^2 score`` (Anderson 1982; Song et al. eq. 6),
-        or of the probability-flow ODE ``f - g^2 score / 2`` (eq. 13)."""
+        or of the probability-flow ODE ``f - g^2 score / 2`` (eq. 13). Book: :ref:`sec-sde-reverse`."""
         t = batch_time(t, x, self.T)
         g2 = expand(self.diffusion(t) ** 2, x)
         coef = 0.5 if probability_flow else 1.0
         return self.drift(x, t) - coef * g2 * score_fn(x, t)
 
-    def ode_drift(self, score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
+    def ode_drift(self, score_fn: ScoreFn, x: Tensor, t: Tensor | float) -> Tensor:
         """Velocity of the probability-flow ODE ``dx/dt = f(x, t) - g(t)^2 score(x, t) / 2``."""
         return self.reverse_drift(score_fn, x, t, probability_flow=True)
-
-    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
-        """The reverse-time SDE (or probability-flow ODE) driven by ``score_fn``."""
-        return ReverseSDE(self, score_fn, probability_flow)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
 
 
-class ReverseSDE:
-    """Reverse-time SDE ``dx = [f - g^2 score] dt + g dw_bar`` run from ``T`` down to 0.
-
-    With ``probability_flow=True`` the ODE ``dx = [f - g^2 score / 2] dt`` with the same
-    marginals (Song et al. 2021, eqs. 6 and 13). Book: :ref:`sec-sde-reverse`.
-    """
-
-    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
-        self.sde, self.score_fn, self.probability_flow = sde, score_fn, probability_flow
-
-    def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        """Drift in forward time of the reversed process (integrate with ``dt < 0``)."""
-        return self.sde.reverse_drift(self.score_fn, x, t, self.probability_flow)
-
-    def diffusion(self, t: Tensor) -> Tensor:
-        """``g(t)``, or zeros for the probability-flow ODE."""
-        g = self.sde.diffusion(t)
-        return torch.zeros_like(g) if self.probability_flow else g
-
-    def discretize(self, x: Tensor, t: Tensor, dt: float) -> Tuple[Tensor, Tensor]:
-        """Reverse-diffusion discretisation (Song et al. eq. 45): one step from ``t`` to ``t - dt``
-        is ``x - f + G^2 score + G z`` with ``(f, G)`` the forward transition into ``t``."""
-        t = batch_time(t, x, self.sde.T)
-        f, G = self.sde.discretize(x, t, dt)
-        coef = 0.5 if self.probability_flow else 1.0
-        rev_f = f - coef * expand(G**2, x) * self.score_fn(x, t)
-        rev_G = torch.zeros_like(G) if self.probability_flow else G
-        return rev_f, rev_G
-
-
 class VESDE(SDE):
     """Variance-exploding SDE ``dx = sqrt(d sigma(t)^2 / dt) dw`` (SMLD/NCSN in continuous time).
 
     ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021, eq. 30). The exact
-    marginal is ``N(x_0, (sigma(t)^2 - sigma_min^2) I)``; score_sde_pytorch approximates its
-    variance by ``sigma(t)^2``, which is the law of ``x_t`` if ``x_0`` already carries noise of
-    size ``sigma_min``. We keep the exact form so that simulation and formula agree.
+    marginal is ``N(x_0, (sigma(t)^2 - sigma_min^2) I)``, so ``alpha_t = 1`` and
+    ``sigma_t^2 = sigma(t)^2 - sigma_min^2``; score_sde_pytorch approximates the variance by
+    ``sigma(t)^2``, which is the law of ``x_t`` if ``x_0`` already carries noise of size
+    ``sigma_min``. We keep the exact form so that simulation and formula agree.
     ``exact_variance=False`` gives score_sde_pytorch's convention (the same SDE started from
     the data smoothed by ``N(0, sigma_min^2 I)``), which networks trained by that code, such
     as the checkpoints imported by :mod:`minisgm.convert`, expect. Book: :ref:`sec-sde-ve`,
@@ -250,14 +224,16 @@ class VESDE(SDE):
 
     eps = 1e-5
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, exact_variance: bool = True):
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, exact_variance: bool = True,
+                 eps: Optional[float] = None):
+        self.sigma_min = check_positive("sigma_min", sigma_min)
+        self.sigma_max = check_positive("sigma_max", sigma_max)
         if not self.sigma_max > self.sigma_min:
             raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         if not isinstance(exact_variance, bool):
             raise TypeError(f"exact_variance must be a bool, got {type(exact_variance).__name__}")
         self.exact_variance = exact_variance
+        self._set_eps(eps)
 
     def sigma(self, t: Tensor) -> Tensor:
         """Noise scale ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``."""
@@ -273,8 +249,8 @@ class VESDE(SDE):
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
         if not self.exact_variance:
             return torch.ones_like(t), self.sigma(t)
-        std = (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
-        return torch.ones_like(t), std
+        sigma_t = (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
+        return torch.ones_like(t), sigma_t
 
     def prior_std(self) -> float:
         return self.sigma_max
@@ -284,24 +260,25 @@ class VPSDE(SDE):
     """Variance-preserving SDE ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`` (DDPM in continuous time).
 
     ``beta(t) = beta_min + t (beta_max - beta_min)`` (Song et al. 2021, eq. 32);
-    ``m(t) = exp(-t^2 (beta_max - beta_min)/4 - t beta_min / 2)``, ``s(t)^2 = 1 - m(t)^2`` (eq. 33).
-    Book: :ref:`sec-sde-vp`.
+    ``alpha_t = exp(-t^2 (beta_max - beta_min)/4 - t beta_min / 2)``, ``sigma_t^2 = 1 - alpha_t^2``
+    (eq. 33). Book: :ref:`sec-sde-vp`.
     """
 
     eps = 1e-3
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_max = _check_positive("beta_max", beta_max)
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: Optional[float] = None):
+        self.beta_min = check_positive("beta_min", beta_min)
+        self.beta_max = check_positive("beta_max", beta_max)
         if not self.beta_max >= self.beta_min:
             raise ValueError(f"need beta_max >= beta_min, got beta_min={beta_min}, beta_max={beta_max}")
+        self._set_eps(eps)
 
     def beta(self, t: Tensor) -> Tensor:
         """``beta(t) = beta_min + t (beta_max - beta_min)``."""
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_mean_coeff(self, t: Tensor) -> Tensor:
-        """``log m(t) = -int_0^t beta(s) ds / 2``."""
+        """``log alpha_t = -int_0^t beta(u) du / 2``."""
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
@@ -311,9 +288,9 @@ class VPSDE(SDE):
         return self.beta(t).sqrt()
 
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
-        log_m = self.log_mean_coeff(t)
-        # 1 - m^2 = -expm1(2 log m): accurate for small t, where 1 - exp(...) cancels.
-        return log_m.exp(), (-torch.expm1(2 * log_m)).sqrt()
+        log_alpha = self.log_mean_coeff(t)
+        # 1 - alpha^2 = -expm1(2 log alpha): accurate for small t, where 1 - exp(...) cancels.
+        return log_alpha.exp(), (-torch.expm1(2 * log_alpha)).sqrt()
 
     def prior_std(self) -> float:
         return 1.0
@@ -328,14 +305,14 @@ class VPSDE(SDE):
 class SubVPSDE(VPSDE):
     """Sub-VP SDE ``dx = -beta(t) x / 2 dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw``.
 
-    Same mean as VP; ``s(t) = 1 - m(t)^2``, always below the VP std (Song et al. 2021,
+    Same mean as VP; ``sigma_t = 1 - alpha_t^2``, always below the VP std (Song et al. 2021,
     eqs. 11 and 34). Book: :ref:`sec-sde-subvp`.
     """
 
     def diffusion(self, t: Tensor) -> Tensor:
-        # 1 - exp(-2 int beta) = 1 - m^4
+        # 1 - exp(-2 int beta) = 1 - alpha^4
         return (self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t))).sqrt()
 
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
-        log_m = self.log_mean_coeff(t)
-        return log_m.exp(), -torch.expm1(2 * log_m)
+        log_alpha = self.log_mean_coeff(t)
+        return log_alpha.exp(), -torch.expm1(2 * log_alpha)

@@ -14,6 +14,18 @@ import cifar_archive  # noqa: E402
 
 
 @pytest.fixture
+def debug_mode():
+    """Turn on the checks of tensor values (:mod:`minisgm.checks`) for one test; the test may
+    call ``debug_mode(False)`` to turn them off again. Restored afterwards."""
+    from minisgm import checks
+
+    before = checks._debug
+    checks.set_debug(True)
+    yield checks.set_debug
+    checks.set_debug(before)
+
+
+@pytest.fixture
 def cifar10_archive(tmp_path):
     """A tiny CIFAR-10 in the real python format: ``(path of the .tar.gz, batches)``.
 

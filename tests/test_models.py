@@ -133,7 +133,7 @@ def test_marginal_std_is_exact_division(sde):
     assert torch.equal(scaled(x, t), plain(x, t) / std[:, None])
 
 
-def test_noise_level_conditioning():
+def test_noise_level_conditioning(debug_mode):
     torch.manual_seed(0)
     sigmas = torch.tensor([0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
     model = ScoreMLP(2, hidden=32, embed_dim=16, cond="sigma", marginal_std=lambda s: s).double()
@@ -149,7 +149,7 @@ def test_noise_level_conditioning():
         model(x, torch.tensor([0.1, 0.0, 1.0, 2.0], dtype=torch.float64))
 
 
-def test_marginal_std_bad_output():
+def test_marginal_std_bad_output(debug_mode):
     model = ScoreMLP(2, hidden=8, embed_dim=8, marginal_std=lambda t: t)
     with pytest.raises(ValueError, match="positive"):
         model(torch.randn(3, 2), torch.tensor([0.0, 0.5, 1.0]))
@@ -158,7 +158,7 @@ def test_marginal_std_bad_output():
         model(torch.randn(3, 2), torch.rand(3))
 
 
-def test_score_mlp_class_conditioning():
+def test_score_mlp_class_conditioning(debug_mode):
     torch.manual_seed(0)
     model = ScoreMLP(2, hidden=32, embed_dim=16, num_classes=3).double()
     x, t = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
@@ -252,7 +252,7 @@ def test_unet_rows_are_independent():
         assert torch.allclose(full[i], model(x[i : i + 1], t[i : i + 1])[0], atol=1e-12)
 
 
-def test_unet_marginal_std_and_classes():
+def test_unet_marginal_std_and_classes(debug_mode):
     torch.manual_seed(0)
     sde = VPSDE()
     marginal_std = lambda t: sde.marginal_coeffs(t)[1]  # noqa: E731

@@ -136,22 +136,21 @@ def test_shapes_dtypes_and_perturb(sde, dtype):
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
-def test_reverse_sde_and_probability_flow(sde):
+def test_reverse_drift_and_probability_flow(sde):
     score = lambda x, t: -x  # any score will do: the formulas are what is checked
     x = torch.randn(4, 2, dtype=D64)
     t = torch.full((4,), 0.3, dtype=D64)
     g2 = sde.diffusion(t)[:, None] ** 2
-    rev = sde.reverse(score)
-    torch.testing.assert_close(rev.drift(x, t), sde.drift(x, t) - g2 * score(x, t))
-    torch.testing.assert_close(rev.diffusion(t), sde.diffusion(t))
-    ode = sde.reverse(score, probability_flow=True)
-    torch.testing.assert_close(ode.drift(x, t), sde.drift(x, t) - 0.5 * g2 * score(x, t))
-    torch.testing.assert_close(ode.drift(x, t), sde.ode_drift(score, x, t))
-    assert (ode.diffusion(t) == 0).all()
+    torch.testing.assert_close(sde.reverse_drift(score, x, t), sde.drift(x, t) - g2 * score(x, t))
+    torch.testing.assert_close(sde.ode_drift(score, x, t), sde.drift(x, t) - 0.5 * g2 * score(x, t))
+    # discretize is the exact transition of transition_coeffs: x_t = a x + sqrt(v) z
+    a, v = sde.transition_coeffs(t, 0.01)
     f, G = sde.discretize(x, t, 0.01)
-    rf, rG = rev.discretize(x, t, 0.01)
-    torch.testing.assert_close(rf, f - G[:, None] ** 2 * score(x, t))
-    torch.testing.assert_close(rG, G)
+    torch.testing.assert_close(f, (a[:, None] - 1) * x)
+    torch.testing.assert_close(G, v.sqrt())
+    (m1, s1), (m0, s0) = sde.marginal_coeffs(t), sde.marginal_coeffs(t - 0.01)
+    torch.testing.assert_close(a, m1 / m0)
+    torch.testing.assert_close(v, s1**2 - (m1 / m0) ** 2 * s0**2)
 
 
 def test_scalar_time_is_broadcast():
@@ -167,17 +166,39 @@ def test_scalar_time_is_broadcast():
         (lambda: VESDE(sigma_min=-1.0), ValueError, "sigma_min must be a positive"),
         (lambda: VESDE(sigma_min=1.0, sigma_max=0.5), ValueError, "sigma_max > sigma_min"),
         (lambda: VPSDE(beta_min=0.0), ValueError, "beta_min must be a positive"),
-        (lambda: VPSDE(beta_max="20"), TypeError, "beta_max must be a number"),
-        (lambda: VPSDE().marginal(torch.zeros(3, 2), torch.tensor([0.1, 0.2, 1.5])), ValueError, r"t must lie in \[0, 1"),
-        (lambda: VPSDE().marginal(torch.zeros(3, 2), torch.tensor([-0.1, 0.2, 0.5])), ValueError, r"t must lie in \[0, 1"),
+        (lambda: VPSDE(beta_max="20"), ValueError, "beta_max must be a positive"),
+        (lambda: VPSDE().marginal(torch.zeros(3, 2), 1.5), ValueError, r"t must lie in \[0, 1"),
+        (lambda: VPSDE().marginal(torch.zeros(3, 2), -0.1), ValueError, r"t must lie in \[0, 1"),
+        (lambda: VPSDE().marginal(torch.zeros(3, 2), float("nan")), ValueError, r"t must lie in \[0, 1"),
+        (lambda: VPSDE().marginal(torch.zeros(3, 2), "0.5"), TypeError, "t must be a number or a tensor"),
+        (lambda: VPSDE().marginal(torch.zeros(3, 2, dtype=torch.long), 0.5), TypeError, "x must be a floating-point"),
         (lambda: VPSDE().marginal(torch.zeros(3, 2), torch.zeros(4)), ValueError, r"t must be a scalar or have shape \[B\]=\[3\]"),
-        (lambda: VESDE().discretize(torch.zeros(3, 2), 0.5, 0.0), ValueError, "dt must be positive"),
-        (lambda: VPSDE().prior_logp(torch.tensor(1.0)), ValueError, r"z must have shape \[B, \.\.\.\]"),
+        (lambda: VESDE().discretize(torch.zeros(3, 2), 0.5, 0.0), ValueError, "dt must be a positive"),
+        (lambda: VPSDE().prior_logp(torch.tensor(1.0)), ValueError, r"z must have at least 1 dimension"),
+        (lambda: VPSDE().sample_time(8, eps=2.0), ValueError, r"eps must be a finite number in \(0, 1\)"),
+        (lambda: VPSDE(eps=0.0), ValueError, r"eps must be a finite number in \(0, 1\)"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("t", [[0.1, 0.2, 1.5], [-0.1, 0.2, 0.5], [0.1, float("nan"), 0.5]])
+def test_tensor_times_are_checked_in_debug_mode_only(t, debug_mode):
+    """Reading a tensor's values costs a host sync, so only debug mode checks them."""
+    x, t = torch.zeros(3, 2), torch.tensor(t)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1"):
+        VPSDE().marginal(x, t)
+    debug_mode(False)
+    VPSDE().marginal(x, t)  # no check, no sync
+
+
+def test_eps_is_an_instance_setting():
+    assert VPSDE().eps == 1e-3 and VESDE().eps == 1e-5
+    sde = VPSDE(eps=0.05)
+    assert sde.eps == 0.05 and VPSDE().eps == 1e-3  # the class default is untouched
+    assert float(sde.sample_time(10_000, generator=torch.Generator().manual_seed(0)).min()) >= 0.05
 
 
 def test_ve_score_sde_convention_is_the_same_sde_started_from_smoothed_data():

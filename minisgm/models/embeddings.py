@@ -13,13 +13,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..sde import values_checkable
+from ..checks import check_int, check_values
+from ..sde import batch_time
 
 __all__ = ["GaussianFourierProjection", "SinusoidalEmbedding"]
 
 
 def _check_embed_dim(embed_dim) -> int:
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 2 or embed_dim % 2:
+    if check_int("embed_dim", embed_dim, 2) % 2:
         raise ValueError(f"embed_dim must be an even int >= 2, got {embed_dim!r}")
     return embed_dim
 
@@ -103,16 +104,10 @@ def batch_condition(t, x: Tensor) -> Tensor:
     """Return the time / noise input as a ``[B]`` tensor of ``x``'s dtype and device.
 
     A Python number or 0-d tensor is broadcast to the batch; anything else must be ``[B]``.
+    :func:`minisgm.sde.batch_time` without its range ``[0, T]``: noise levels ``sigma`` (or
+    ``log sigma``) are conditioning inputs too.
     """
-    if not torch.is_tensor(x) or x.dim() < 1:
-        raise ValueError("x must be a tensor with a batch dimension [B, ...]")
-    B = x.shape[0]
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        return t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"t (or sigma) must be a scalar or have shape [B]=[{B}], got {list(t.shape)}")
-    return t
+    return batch_time(t, x, None)
 
 
 class TimeEmbedding(nn.Module):
@@ -142,8 +137,7 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         if self.cond == "sigma":
-            if values_checkable(t) and not bool((t > 0).all()):
-                raise ValueError("sigma must be positive (the network embeds log sigma)")
+            check_values(lambda: (t > 0).all(), lambda: "sigma must be positive (the network embeds log sigma)")
             c = torch.log(t)
         else:
             c = t
@@ -160,9 +154,7 @@ class ClassEmbedding(nn.Module):
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_int("num_classes", num_classes)
         self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
@@ -172,11 +164,11 @@ class ClassEmbedding(nn.Module):
             raise TypeError("class labels y must be an integer tensor [B]")
         if y.shape != (batch,):
             raise ValueError(f"class labels y must have shape [B]=[{batch}], got {list(y.shape)}")
-        if values_checkable(y) and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-            raise ValueError(
-                f"class labels must lie in 0..{self.num_classes} ({self.num_classes} = null class), "
-                f"got values in [{int(y.min())}, {int(y.max())}]"
-            )
+        check_values(
+            lambda: ((y >= 0) & (y <= self.num_classes)).all(),
+            lambda: f"class labels must lie in 0..{self.num_classes} ({self.num_classes} = null class), "
+            f"got values in [{int(y.min())}, {int(y.max())}]",
+        )
         return self.table(y.long())
 
 
@@ -199,8 +191,8 @@ def check_marginal_std(std: Tensor, batch: int) -> Tensor:
     if not torch.is_tensor(std) or std.shape != (batch,):
         shape = list(std.shape) if torch.is_tensor(std) else type(std).__name__
         raise ValueError(f"marginal_std(t) must return a [B]=[{batch}] tensor, got {shape}")
-    if values_checkable(std) and not bool((std > 0).all()):
-        raise ValueError("marginal_std(t) must be positive; at t = 0 the VP/VE std is 0, so evaluate at t >= sde.eps")
+    check_values(lambda: (std > 0).all(),
+                 lambda: "marginal_std(t) must be positive; at t = 0 the VP/VE std is 0, so evaluate at t >= sde.eps")
     return std
 
 

@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minisgm.models.embeddings import GaussianFourierProjection
-from minisgm.sde import batch_time, values_checkable
+from minisgm.models.embeddings import GaussianFourierProjection, check_marginal_std
+from minisgm.checks import check_values
+from minisgm.sde import batch_time
 
 __all__ = [
     "NCSNppConfig",
@@ -853,14 +854,7 @@ class NCSNpp(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         t = batch_time(t, x)
         std = self.marginal_std(t)
-        if not torch.is_tensor(std) or std.shape != t.shape:
-            raise ValueError(f"marginal_std(t) must return a [B] tensor, got "
-                             f"{getattr(std, 'shape', type(std))}")
-        if values_checkable(std) and std.numel() and float(std.min()) <= 0:
-            raise ValueError(
-                "s(t) must be positive: the score is undefined where the marginal std is 0 "
-                "(use t >= sde.eps)"
-            )
+        std = check_marginal_std(std, x.shape[0])
         out = self.network(x, self.noise_label(t, std), class_labels).to(x.dtype)
         std = std.to(x.dtype).view(-1, 1, 1, 1)
         return out / std if self.config.scale_by_sigma else -out / std
@@ -883,8 +877,6 @@ class NCSNpp(nn.Module):
         if class_labels.shape != (x.shape[0],) or class_labels.dtype != torch.long:
             raise ValueError(f"class_labels must be a long tensor of shape [{x.shape[0]}], got "
                              f"{class_labels.dtype} {list(class_labels.shape)}")
-        if values_checkable(class_labels) and class_labels.numel():
-            lo, hi = int(class_labels.min()), int(class_labels.max())
-            if lo < 0 or hi >= c.num_classes:
-                raise ValueError(f"class_labels must lie in [0, {c.num_classes - 1}], got "
-                                 f"[{lo}, {hi}]")
+        check_values(lambda: ((class_labels >= 0) & (class_labels < c.num_classes)).all(),
+                     lambda: f"class_labels must lie in [0, {c.num_classes - 1}], got "
+                     f"[{int(class_labels.min())}, {int(class_labels.max())}]")
