@@ -32,7 +32,7 @@ case "$stage" in
     $py -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.log"
     ;;
   throughput)
-    $py benchmarks/train_throughput.py --presets ddpmpp_cifar10,ncsnpp_cifar10 --steps 20 --warmup 3 2>&1 \
+    $py benchmarks/train_throughput.py --presets cifar10_ddpmpp_vp,cifar10_ncsnpp_ve --steps 20 --warmup 3 2>&1 \
       | tee "$out/throughput.md"
     ;;
   compare)

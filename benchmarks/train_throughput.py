@@ -1,9 +1,10 @@
 """Training throughput of the CIFAR-10 score networks (NCSN++ / DDPM++): images/s, memory, FLOP/s.
 
-One training step is what ``python -m minisgm.train`` runs: the continuous-time DSM loss
-(:func:`minisgm.score_matching.sde_loss`, Song et al. 2021 eq. 7) on a batch of 32x32 images,
-backward, gradient clipping at norm 1, Adam (fused on CUDA) and an EMA update of the weights.
-Images are random (no data set is read): throughput does not depend on pixel values.
+One training step is the one ``python -m minisgm.train`` runs, called from the package:
+:func:`minisgm.train.train_step` (the continuous-time DSM loss of Song et al. 2021 eq. 7,
+backward, gradient clipping, Adam, fused on CUDA) and :func:`minisgm.train.ema_update`, on the
+model, SDE and optimizer that :mod:`minisgm.build` makes from the preset's config. Images are
+random (no data set is read): throughput does not depend on pixel values.
 
 Each preset is timed in three modes: fp32, bf16 autocast, and bf16 autocast with
 ``torch.compile`` (``--no-compile`` skips it; compiling takes minutes, on a CPU many).
@@ -15,7 +16,7 @@ normalisations and pointwise ops are not counted), so "TFLOP/s" is model FLOPs p
 sampled during the timed steps) on CPU. Prints a markdown table.
 
     python benchmarks/train_throughput.py                      # all presets, cuda if available
-    python benchmarks/train_throughput.py --device cpu --presets ncsnpp_small --batch-size 8 --steps 2
+    python benchmarks/train_throughput.py --device cpu --presets cifar10_small --batch-size 8 --steps 2
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from minisgm.models import ncsnpp
-from minisgm.models.ncsnpp import NCSNpp, NCSNppConfig, count_parameters
-from minisgm.score_matching import sde_loss
-from minisgm.sde import SDE, VESDE, VPSDE
+from minisgm.build import build_model, build_sde, dataset_info
+from minisgm.config import Config, get_preset
+from minisgm.models.ncsnpp import count_parameters
+from minisgm.train import build_optimizer, ema_update, lr_at, train_step
 
-PRESETS = ["ncsnpp_small", "ddpmpp_small", "ncsnpp_cifar10", "ddpmpp_cifar10",
-           "ncsnpp_deep_cifar10", "ddpmpp_deep_cifar10"]
+PRESETS = ["cifar10_small", "cifar10_ncsnpp_ve", "cifar10_ddpmpp_vp", "cifar10_ncsnpp_deep_ve", "cifar10_ddpmpp_deep_vp"]
 MODES = ["fp32", "bf16", "bf16+compile"]
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
@@ -60,18 +60,15 @@ def bf16_peak_tflops(device: torch.device) -> Optional[float]:
     return None
 
 
-def sde_for(cfg: NCSNppConfig) -> SDE:
-    # NCSN++ presets are the paper's VE models, DDPM++ ones its VP models.
-    return VESDE(sigma_min=0.01, sigma_max=50.0) if cfg.scale_by_sigma else VPSDE(beta_min=0.1, beta_max=20.0)
-
-
-def flops_per_image(cfg: NCSNppConfig) -> int:
-    """Forward + backward FLOPs of one image, counted on the meta device (nothing is run)."""
+def flops_per_image(cfg: Config) -> int:
+    """Forward + backward FLOPs of one image through the preset's network, counted on the meta
+    device (nothing is run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    shape = dataset_info(cfg.data).shape
     with torch.device("meta"):
-        model = NCSNpp(cfg)
-        x = torch.zeros(1, cfg.num_channels, cfg.image_size, cfg.image_size, requires_grad=True)
+        model = build_model(cfg)
+        x = torch.zeros(1, *shape, requires_grad=True)
         c_noise = torch.zeros(1)
     with FlopCounterMode(display=False) as counter:
         model.network(x, c_noise).sum().backward()
@@ -106,37 +103,34 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def make_step(cfg: NCSNppConfig, device: torch.device, mode: str, batch_size: int,
-              channels_last: bool, seed: int = 0) -> Tuple[Callable[[], float], torch.Tensor]:
-    """Build model, optimiser, EMA and a batch; return ``step() -> loss`` (one training step)."""
+def make_step(cfg: Config, device: torch.device, mode: str, batch_size: int,
+              channels_last: bool, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """Model, EMA, optimizer and a random batch from the preset's config; ``step() -> loss``.
+
+    ``mode`` sets ``train.mixed_precision`` (bf16) and ``train.compile`` as ``minisgm.train``
+    would; the step itself is :func:`minisgm.train.train_step` plus the EMA update.
+    """
+    cfg = copy.deepcopy(cfg)
+    tc = cfg.train
+    tc.mixed_precision, tc.compile = mode.startswith("bf16"), mode.endswith("+compile")
     torch.manual_seed(seed)
-    sde = sde_for(cfg)
-    model = NCSNpp(cfg, sde).to(device)
+    sde = build_sde(cfg.sde)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = build_model(cfg, sde).to(device).to(memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters())  # all trainable (the Fourier frequencies are a buffer)
-    ema_params = list(ema.parameters())
-    opt = torch.optim.Adam(params, lr=2e-4, fused=True if device.type == "cuda" else None)
-    net = torch.compile(model) if mode.endswith("+compile") else model
-    use_autocast = mode.startswith("bf16")
-    lo = 0.0 if not cfg.centered else -1.0
+    opt = build_optimizer(tc, model, device)
+    net = torch.compile(model) if tc.compile else model
     g = torch.Generator(device=device).manual_seed(seed)
-    x = (torch.rand(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g,
-                    device=device) * (1.0 - lo) + lo).contiguous(memory_format=fmt)
+    x01 = torch.rand(batch_size, *dataset_info(cfg.data).shape, generator=g, device=device)
+    x = (2 * x01 - 1 if cfg.data.centered else x01).contiguous(memory_format=fmt)
+    lr = lr_at(tc.warmup + 1, tc)
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = sde_loss(net, sde, x, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # score_sde's grad_clip = 1
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - 0.9999)
-        return loss.detach()
+        loss, _ = train_step(net, opt, sde, [(x, None, g)], tc, lr)
+        ema_update(ema, model, tc.ema_rate)
+        return loss
 
-    return step, x
+    return step
 
 
 def sync(device: torch.device) -> None:
@@ -144,13 +138,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(cfg: NCSNppConfig, device: torch.device, mode: str, batch_size: int, steps: int,
+def bench_one(cfg: Config, device: torch.device, mode: str, batch_size: int, steps: int,
               warmup: int, channels_last: bool) -> Dict[str, float]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step, _ = make_step(cfg, device, mode, batch_size, channels_last)
+    step = make_step(cfg, device, mode, batch_size, channels_last)
     t0 = time.perf_counter()
     for _ in range(warmup):  # the first call compiles / autotunes / allocates
         loss = step()
@@ -219,16 +213,16 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"dense bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'n/a'}")
     if device.type == "cuda":
         print(f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN conv {torch.backends.cudnn.allow_tf32}")
-    print("step = sde_loss forward + backward + clip_grad_norm + Adam"
-          f"{' (fused)' if device.type == 'cuda' else ''} + EMA; FLOPs = network fwd+bwd (FlopCounterMode)")
+    print("step = minisgm.train.train_step (sde_loss forward + backward + clip_grad_norm + Adam"
+          f"{' (fused)' if device.type == 'cuda' else ''}) + ema_update; FLOPs = network fwd+bwd (FlopCounterMode)")
     mem = "peak alloc (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     print()
     print(f"| preset | params (M) | mode | img/s | step (ms) | {mem} | GFLOP/img | TFLOP/s | % bf16 peak | warm-up (s) |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for preset in presets:
-        cfg = getattr(ncsnpp, preset)()
+        cfg = get_preset(preset)
         with torch.device("meta"):
-            n_params = count_parameters(NCSNpp(cfg))
+            n_params = count_parameters(build_model(cfg))
         flops = flops_per_image(cfg)
         for mode in modes:
             try:

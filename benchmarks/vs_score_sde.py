@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import MODES, bench_one, checked_args, flops_per_image, sync  # noqa: E402
 
+from minisgm.config import get_preset  # noqa: E402
 from minisgm.convert import convert_state_dict  # noqa: E402
 from minisgm.models import ncsnpp  # noqa: E402
 from minisgm.models.ncsnpp import NCSNpp, count_parameters  # noqa: E402
@@ -59,6 +60,13 @@ REFERENCE_CONFIGS = {
     "ddpmpp_cifar10": "configs/vp/cifar10_ddpmpp_continuous.py",
     "ncsnpp_deep_cifar10": "configs/ve/cifar10_ncsnpp_deep_continuous.py",
     "ddpmpp_deep_cifar10": "configs/vp/cifar10_ddpmpp_deep_continuous.py",
+}
+# model preset -> minisgm's training preset of the same model (whose train_step is timed)
+CONFIG_PRESET = {
+    "ncsnpp_cifar10": "cifar10_ncsnpp_ve",
+    "ddpmpp_cifar10": "cifar10_ddpmpp_vp",
+    "ncsnpp_deep_cifar10": "cifar10_ncsnpp_deep_ve",
+    "ddpmpp_deep_cifar10": "cifar10_ddpmpp_deep_vp",
 }
 
 
@@ -274,11 +282,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         ref_params = sum(p.numel() for p in ref_model.parameters())
         with torch.device("meta"):
             our_params = count_parameters(NCSNpp(cfg))
-        ref_fl, our_fl = reference_flops(ref_model, config, device), flops_per_image(cfg)
+        ref_fl, our_fl = reference_flops(ref_model, config, device), flops_per_image(get_preset(CONFIG_PRESET[preset]))
         diff = output_difference(ref_model, config, cfg, device)
         ref_img_s = args.batch_size / time_steps(step, device, args.steps, args.warmup)
         del step, ref_model
-        ours = [bench_one(cfg, device, m, args.batch_size, args.steps, args.warmup, True)["img_s"] for m in modes]
+        # minisgm's side: the training step of its own preset (minisgm.train.train_step)
+        ours = [bench_one(get_preset(CONFIG_PRESET[preset]), device, m, args.batch_size, args.steps, args.warmup, True)["img_s"]
+                for m in modes]
         print(f"| {preset} | {ref_params / 1e6:.2f} / {our_params / 1e6:.2f} | {ref_fl / 1e9:.2f} / {our_fl / 1e9:.2f} | "
               f"{diff:.1e} | {ref_img_s:.1f} | " + " | ".join(f"{v:.1f}" for v in ours) + f" | {max(ours) / ref_img_s:.2f}x |",
               flush=True)

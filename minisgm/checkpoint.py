@@ -1,35 +1,44 @@
-"""Checkpoints: plain ``state_dict``s plus the config, written atomically, loaded safely.
+"""Checkpoints: plain ``state_dict``s plus the config, written atomically, verified, loaded safely.
 
 A checkpoint is a dict of tensors and primitive containers only, so that it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code is ever executed):
 
-    {"format": "minisgm-checkpoint", "version": 1, "step": int, "config": {...},
+    {"format": "minisgm-checkpoint", "version": 2, "step": int, "config": {...},
      "model": state_dict, "ema": state_dict, "optimizer": state_dict, "rng": {...},
-     "world_size": int}
+     "world_size": int, "sha256": hex digest of everything else}
 
 Writing goes to a temporary file in the same folder, is flushed and fsync'ed, and then renamed
 over the old file with ``os.replace`` (atomic on POSIX): a run killed at any moment leaves either
-the previous checkpoint or the new one, never a torn file. Book: :ref:`sec-scaling-up`.
+the previous checkpoint or the new one, never a torn file. The file it replaces is kept as
+``<name>.prev.pt``, so a checkpoint damaged later (a flipped bit on disk) does not take the run
+with it. The SHA-256 digest of the content is checked on every load: a damaged file is refused
+with a message that names the intact previous one. Temporary files left by a killed writer are
+removed by :func:`remove_stale_temporaries`. A run folder is used by one training process at a
+time (:func:`lock_run_folder`). Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import pickle
-import random
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import numpy as np
 import torch
 
 __all__ = [
     "CheckpointError",
+    "RunFolderBusy",
     "CHECKPOINT_NAME",
     "save_checkpoint",
     "load_checkpoint",
     "find_checkpoint",
+    "previous_checkpoint",
+    "remove_stale_temporaries",
+    "lock_run_folder",
     "get_rng_state",
     "set_rng_state",
     "load_state_dict_checked",
@@ -37,13 +46,18 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "minisgm-checkpoint"
-VERSION = 1
+VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 (no digest) is read without verification
 
 PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, corrupt, or does not fit the model."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is training in the same run folder."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,21 +74,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
+def _digest(obj: Any, h=None) -> str:
+    """SHA-256 of a checkpoint's content: keys, plain values and every tensor's dtype, shape and bytes."""
+    h = hashlib.sha256() if h is None else h
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _digest(v, h)
+        h.update(b"]")
+    elif torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
+def previous_checkpoint(path: PathLike) -> Path:
+    """Where the checkpoint that ``path`` replaced is kept: ``checkpoint.prev.pt``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.prev{p.suffix}")
+
+
+def save_checkpoint(state: Dict[str, Any], path: PathLike, keep_previous: bool = True) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
 
-    ``format`` and ``version`` keys are added. Returns the final path.
+    ``format``, ``version`` and the ``sha256`` digest are added. With ``keep_previous`` the
+    file being replaced is kept as :func:`previous_checkpoint`. Returns the final path.
+
+    Raises:
+        OSError: the write failed (the message says when the disk is full); the previous
+            checkpoint is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "version": VERSION, **state}
+    body = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k != "sha256"}}
+    body["sha256"] = _digest(body)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(body, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_checkpoint(path))
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on the disk while writing {path}: free some space "
+                                     "(the previous checkpoint is intact)") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -82,25 +139,51 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: PathLike) -> list:
+    """Delete temporary checkpoint files (``.<name>.tmp-<pid>``) whose writer is gone.
+
+    A process killed during :func:`save_checkpoint` leaves one behind; the folder's lock
+    (:func:`lock_run_folder`) guarantees no other writer, so any whose pid is not ours is
+    stale. Returns the paths removed.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid != str(os.getpid()):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def find_checkpoint(path: PathLike) -> Path:
-    """``path`` itself if it is a file, else ``path/checkpoint.pt`` (``CheckpointError`` if absent)."""
+    """``path`` itself if it is a file, else ``path/checkpoint.pt`` (``CheckpointError`` if absent).
+
+    A folder whose ``checkpoint.pt`` is missing but whose ``checkpoint.prev.pt`` exists (a kill
+    between the two renames of a write) gives the previous one.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT_NAME
+        if not p.is_file() and previous_checkpoint(p).is_file():
+            return previous_checkpoint(p)
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p} (give a run folder holding {CHECKPOINT_NAME}, or a .pt file)")
     return p
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` and verify it.
 
     Args:
         path: a ``.pt`` file or a run folder holding ``checkpoint.pt``.
         map_location: where tensors go (as in ``torch.load``).
 
     Raises:
-        CheckpointError: missing file, truncated/corrupt file, or not a minisgm checkpoint.
+        CheckpointError: missing file, truncated/corrupt file (content that does not match its
+            digest), or not a minisgm checkpoint.
     """
     p = find_checkpoint(path)
     try:
@@ -112,70 +195,76 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
                 f"refusing {p}: it holds pickled objects other than tensors and plain containers "
                 "(not written by minisgm; loading it could run code)"
             ) from None
-        raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or corrupt ({msg})") from None
+        raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or corrupt ({msg}){_fallback(p)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a minisgm checkpoint (no format={FORMAT!r} entry)")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{p} has checkpoint version {state.get('version')}, this minisgm reads version {VERSION}")
+    if state.get("version") not in _READABLE_VERSIONS:
+        raise CheckpointError(f"{p} has checkpoint version {state.get('version')}, this minisgm reads versions "
+                              f"{', '.join(map(str, _READABLE_VERSIONS))}")
+    if state["version"] >= 2:
+        stored = state.get("sha256")
+        if stored != _digest({k: v for k, v in state.items() if k != "sha256"}):
+            raise CheckpointError(f"{p} is corrupt: its content does not match its SHA-256 digest "
+                                  f"(damaged on disk or in transfer){_fallback(p)}")
     for key in ("step", "config", "model"):
         if key not in state:
             raise CheckpointError(f"{p} lacks the entry {key!r}; it is incomplete")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+        raise CheckpointError(f"{p} has an invalid step {state['step']!r}")
     return state
 
 
-def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "model") -> None:
-    """``module.load_state_dict(strict=True)`` with a short message on missing/extra/mis-shaped keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    extra = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {'; '.join(shapes[:3])})")
-        raise CheckpointError(
-            f"the checkpoint's {what} weights do not fit this model: {'; '.join(parts)}. "
-            "Was it written with another preset or model config?"
-        )
-    module.load_state_dict(state_dict, strict=True)
+def _fallback(p: Path) -> str:
+    prev = previous_checkpoint(p)
+    if p.name == CHECKPOINT_NAME and prev.is_file():
+        return (f". The previous checkpoint {prev} is kept: to resume from it, "
+                f"`mv {prev} {p}`")
+    return ""
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG states as tensors and plain lists (weights_only-safe)
-# ----------------------------------------------------------------------------------------------
-def get_rng_state(extra_generators: Optional[Dict[str, torch.Generator]] = None) -> Dict[str, Any]:
-    """The states of every random number generator a run touches, weights_only-safe.
+def lock_run_folder(folder: PathLike):
+    """Take the run folder's lock (``.lock``) for this process, or raise :class:`RunFolderBusy`.
 
-    torch CPU and CUDA (byte tensors), numpy's legacy global ``RandomState`` (its key array as a
-    tensor), Python's ``random`` (a list of ints), and any named ``torch.Generator`` given.
+    An advisory ``flock``: the operating system releases it when the process ends, however it
+    ends, so a crashed run never leaves the folder locked. Keep the returned file open for as
+    long as the run lasts (closing it releases the lock).
     """
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out: Dict[str, Any] = {
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunFolderBusy(f"{folder} is in use by {holder}: one training process per run folder "
+                            "(wait for it to finish, stop it, or choose another --run-dir)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (weights_only-safe)
+# ----------------------------------------------------------------------------------------------
+def get_rng_state() -> Dict[str, Any]:
+    """The states of the global torch generators (CPU and every CUDA device) as byte tensors.
+
+    These drive dropout; everything else a run draws comes from generators seeded by
+    ``(seed, step, shard)``, which need no saving.
+    """
+    return {
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": str(np_state[0]),
-            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": [int(py_state[0]), [int(v) for v in py_state[1]], py_state[2]],
-        "generators": {k: g.get_state() for k, g in (extra_generators or {}).items()},
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
     }
-    return out
 
 
-def set_rng_state(state: Dict[str, Any], extra_generators: Optional[Dict[str, torch.Generator]] = None) -> None:
+def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what :func:`get_rng_state` captured (CUDA states only if CUDA is present)."""
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
@@ -184,10 +273,35 @@ def set_rng_state(state: Dict[str, Any], extra_generators: Optional[Dict[str, to
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             torch.cuda.set_rng_state(cuda_states[0])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    for k, g in (extra_generators or {}).items():
-        if k in state.get("generators", {}):
-            g.set_state(state["generators"][k].cpu())
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "model") -> None:
+    """``module.load_state_dict(strict=True)`` with a short message on missing, extra, mis-shaped or
+    mis-typed entries (a float16 or integer tensor where the model holds float32 is refused, not cast)."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise CheckpointError(f"the checkpoint's {what} weights are not a state dict of tensors")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    dtypes = [f"{k}: checkpoint {state_dict[k].dtype} vs model {own[k].dtype}"
+              for k in own if k in state_dict and state_dict[k].dtype != own[k].dtype]
+    if missing or extra or shapes or dtypes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {'; '.join(shapes[:3])})")
+        if dtypes:
+            parts.append(f"{len(dtypes)} with another dtype (e.g. {'; '.join(dtypes[:3])})")
+        raise CheckpointError(
+            f"the checkpoint's {what} weights do not fit this model: {'; '.join(parts)}. "
+            "Was it written with another preset or model config?"
+        )
+    module.load_state_dict(state_dict, strict=True)

@@ -6,8 +6,10 @@ with ``--preset NAME`` and changes single fields with dotted overrides::
 
     python -m minisgm.train --preset digits_ve --train.lr 1e-4 --model.ch_mult 1,2 --train.compile
 
-Overrides are type-checked against the dataclass annotations before any work starts; an unknown
-key or a value of the wrong type is reported with the closest valid keys (exit code 2).
+Overrides are type- and range-checked against the dataclass annotations and :data:`RANGES` before
+any work starts; an unknown key, a value of the wrong type or out of range is reported in one line
+with the closest valid keys (exit code 2). The comment after each field is its help text
+(``--help-config``).
 The hyper-parameters of the CIFAR-10 presets follow Song et al. (2021), "Score-Based Generative
 Modeling through Stochastic Differential Equations", ICLR, app. H. Book: :ref:`sec-scaling-up`.
 """
@@ -16,6 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +44,8 @@ __all__ = [
     "ConfigError",
     "validate",
     "describe",
+    "field_help",
+    "RANGES",
 ]
 
 
@@ -81,9 +89,12 @@ class SDEConfig:
 class DataConfig:
     """What to train on."""
 
-    dataset: str = "digits"  # "digits" (sklearn 8x8), "cifar10", or a 2-D toy name: two_moons, swiss_roll, checkerboard, rings, spirals, eight_gaussians
+    dataset: str = "digits"  # "digits" (sklearn 8x8), "cifar10", "folder" (your images), "npz" (an array file), or a 2-D toy: two_moons, swiss_roll, checkerboard, rings, spirals, eight_gaussians
     holdout: bool = True  # digits: train on digits_split()[0] (1438 images), keep [1] (359) for evaluate
-    path: str = ""  # cifar10: folder holding cifar-10-batches-py/ (or the archive); unused otherwise
+    path: str = ""  # cifar10: the archive or its folder; folder: a folder of images (sub-folders = classes); npz: the .npz file
+    image_size: int = 0  # folder/npz: resize and centre-crop to this many pixels (0: keep the size; filled in from the data)
+    channels: int = 0  # folder/npz: 1 (grey) or 3 (RGB); 0: from the data (filled in when training starts)
+    num_classes: int = 0  # folder/npz: number of classes (filled in from the sub-folders / labels when training starts)
     centered: bool = True  # map images from [0, 1] to [-1, 1] before noising (score-SDE: True for VP, False for VE); NCSN++ gets the same flag
     random_flip: bool = False  # random horizontal flips (CIFAR-10)
     class_conditional: bool = False  # train a class-conditional score s(x, t, y) (digits, cifar10)
@@ -106,8 +117,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this value; <= 0 disables
     ema_rate: float = 0.999  # exponential moving average of the weights (score-SDE: 0.999 VE, 0.9999 VP)
     likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (bound on the NLL, Song et al. 2021b) instead of s(t)^2
-    seed: int = 0  # seeds initialisation, data order and noise: a run is a function of (config, seed)
+    seed: int = 0  # seeds initialisation, data order and noise: a run is a function of (config, seed); 0 <= seed < 2^63
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
+    threads: int = 0  # CPU threads of PyTorch (0: automatic, 1 per core, fewer if the machine is busy)
     mixed_precision: bool = False  # bf16 autocast for the forward pass (the loss and weights stay float32)
     channels_last: bool = False  # NHWC memory format for conv nets (faster on tensor cores)
     compile: bool = False  # torch.compile the model
@@ -124,7 +136,7 @@ class TrainConfig:
 class SampleConfig:
     """Sample grids written during training (and the defaults of ``python -m minisgm.sample``)."""
 
-    sampler: str = "em"  # "em" (Euler-Maruyama), "pc" (predictor-corrector), "ode" (RK45), "heun"
+    sampler: str = "em"  # "em" (Euler-Maruyama), "pc" (predictor-corrector), "ode" (adaptive RK45), "heun" (probability-flow ODE)
     n_steps: int = 200  # discretisation steps of the reverse SDE / ODE
     n_samples: int = 64  # images in a grid (points in a 2-D scatter)
     snr: float = 0.16  # PC sampler: signal-to-noise ratio of the Langevin corrector
@@ -304,39 +316,155 @@ def get_preset(name: str) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Typed access by dotted key
+# Field types, help texts and valid ranges
 # ----------------------------------------------------------------------------------------------
 def _hints(obj_or_cls) -> Dict[str, Any]:
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return typing.get_type_hints(cls)
 
 
-def flat_keys(cfg: Config) -> Dict[str, Any]:
-    """All leaf fields as ``{"train.lr": <type annotation>, ...}`` (the valid override keys)."""
-    out: Dict[str, Any] = {}
+def field_help(cls) -> Dict[str, str]:
+    """``{field: the comment after it in the class source}``: the help text of each field."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
 
-    def walk(obj, prefix: str) -> None:
+
+def _leaves(cfg: Config):
+    """``(dotted key, parent object, field name, annotation)`` of every leaf field."""
+    def walk(obj, prefix: str):
         hints = _hints(obj)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
+                yield from walk(value, f"{prefix}{f.name}.")
             else:
-                out[f"{prefix}{f.name}"] = hints.get(f.name, Any)
+                yield f"{prefix}{f.name}", obj, f.name, hints.get(f.name, Any)
 
-    walk(cfg, "")
-    return out
+    yield from walk(cfg, "")
 
 
+def flat_keys(cfg: Config) -> Dict[str, Any]:
+    """All leaf fields as ``{"train.lr": <type annotation>, ...}`` (the valid override keys)."""
+    return {key: tp for key, _, _, tp in _leaves(cfg)}
+
+
+class Interval(typing.NamedTuple):
+    """The range ``lo .. hi`` of a numeric field; each end closed unless marked open."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+
+
+TOY_DATASETS = ("two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians")
+SAMPLER_NAMES = ("em", "pc", "ode", "heun")
+
+RANGES: Dict[str, Any] = {
+    # a tuple: the allowed values; an Interval: the range of a number (or of each entry of a list)
+    "sde.kind": ("ve", "vp", "subvp"),
+    "sde.sigma_min": Interval(0.0, math.inf, True, True),
+    "sde.sigma_max": Interval(0.0, math.inf, True, True),
+    "sde.beta_min": Interval(0.0, math.inf, True, True),
+    "sde.beta_max": Interval(0.0, math.inf, True, True),
+    "sde.eps": Interval(0.0, 1.0, True, True),
+    "data.dataset": ("digits", "cifar10", "folder", "npz") + TOY_DATASETS,
+    "data.image_size": Interval(0, 4096),
+    "data.channels": (0, 1, 3),
+    "data.num_classes": Interval(0, 100_000),
+    "model.arch": ("mlp", "unet"),
+    "model.embedding": ("sinusoidal", "fourier"),
+    "model.hidden": Interval(1, math.inf, open_hi=True),
+    "model.n_layers": Interval(1, math.inf, open_hi=True),
+    "model.nf": Interval(1, math.inf, open_hi=True),
+    "model.ch_mult": Interval(1, math.inf, open_hi=True),
+    "model.num_res_blocks": Interval(1, math.inf, open_hi=True),
+    "model.embed_dim": Interval(2, math.inf, open_hi=True),
+    "model.dropout": Interval(0.0, 1.0, open_hi=True),
+    "train.n_steps": Interval(1, math.inf, open_hi=True),
+    "train.batch_size": Interval(1, math.inf, open_hi=True),
+    "train.grad_accum": Interval(1, math.inf, open_hi=True),
+    "train.lr": Interval(0.0, math.inf, True, True),
+    "train.warmup": Interval(0, math.inf, open_hi=True),
+    "train.beta1": Interval(0.0, 1.0, open_hi=True),
+    "train.beta2": Interval(0.0, 1.0, open_hi=True),
+    "train.adam_eps": Interval(0.0, math.inf, True, True),
+    "train.weight_decay": Interval(0.0, math.inf, open_hi=True),
+    "train.grad_clip": Interval(-math.inf, math.inf, True, True),
+    "train.ema_rate": Interval(0.0, 1.0, open_hi=True),
+    "train.seed": Interval(0, 2**63 - 1),
+    "train.threads": Interval(0, 4096),
+    "train.log_every": Interval(1, math.inf, open_hi=True),
+    "train.sample_every": Interval(0, math.inf, open_hi=True),
+    "train.ckpt_every": Interval(1, math.inf, open_hi=True),
+    "train.max_steps_per_run": Interval(0, math.inf, open_hi=True),
+    "sample.sampler": SAMPLER_NAMES,
+    "sample.n_steps": Interval(1, math.inf, open_hi=True),
+    "sample.n_samples": Interval(1, math.inf, open_hi=True),
+    "sample.snr": Interval(0.0, math.inf, True, True),
+    "sample.seed": Interval(0, 2**63 - 1),
+}
+"""The valid values of the fields that a type alone does not pin down (checked by :func:`validate`)."""
+
+
+def _in_range(value, rule) -> bool:
+    if not isinstance(rule, Interval):
+        return value in rule
+    lo, hi, open_lo, open_hi = rule
+    return all(
+        (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)  # False for NaN
+        for v in (value if isinstance(value, tuple) else (value,))
+    )
+
+
+def _describe_range(rule) -> str:
+    if not isinstance(rule, Interval):
+        return "one of " + ", ".join(str(r) for r in rule)
+    lo, hi = (str(v) if isinstance(v, int) else f"{v:g}" for v in (rule.lo, rule.hi))
+    if rule.hi == math.inf:
+        return f"a finite number {'>' if rule.open_lo else '>='} {lo}" if rule.lo != -math.inf else "a finite number"
+    return f"in {'(' if rule.open_lo else '['}{lo}, {hi}{')' if rule.open_hi else ']'}"
+
+
+def validate(cfg: Config) -> None:
+    """Check every field against :data:`RANGES` and the model's own rules (``ConfigError``)."""
+    for key, obj, name, _ in _leaves(cfg):
+        value = getattr(obj, name)
+        rule = RANGES.get(key)
+        if rule is None or value is None:
+            continue
+        if not _in_range(value, rule):
+            close = difflib.get_close_matches(str(value), [str(r) for r in rule], n=1) if not isinstance(rule, Interval) else []
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--{key} must be {_describe_range(rule)}; got {value!r}.{hint}")
+    if not cfg.sde.sigma_max > cfg.sde.sigma_min:
+        raise ConfigError(f"--sde.sigma_max must exceed --sde.sigma_min, got {cfg.sde.sigma_max} <= {cfg.sde.sigma_min}")
+    if not cfg.sde.beta_max >= cfg.sde.beta_min:
+        raise ConfigError(f"--sde.beta_max must be >= --sde.beta_min, got {cfg.sde.beta_max} < {cfg.sde.beta_min}")
+    if isinstance(cfg.model, ModelConfig):
+        if cfg.model.embed_dim % 2:
+            raise ConfigError(f"--model.embed_dim must be even, got {cfg.model.embed_dim}")
+        return
+    from .models.ncsnpp import _validate_config
+
+    try:
+        _validate_config(cfg.model)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err).replace("NCSNppConfig.", "--model.")) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Values from the command line (text) and from config.json (JSON values)
+# ----------------------------------------------------------------------------------------------
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, Tuple):
-        args = typing.get_args(tp)
-        inner = _type_name(args[0]) if args else "value"
-        return f"comma-separated list of {inner}"
-    if origin is list:
+    if origin in (tuple, Tuple, list, List):
         args = typing.get_args(tp)
         return f"comma-separated list of {_type_name(args[0]) if args else 'value'}"
     if tp is type(None):
@@ -348,58 +476,68 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
 
-def _convert(text: str, tp, key: str):
-    """Parse the command-line string ``text`` as a value of annotation ``tp``."""
+def _coerce(value: Any, tp, key: str, text: bool):
+    """``value`` (command-line text if ``text``, else a JSON value) as a value of annotation ``tp``."""
+    bad = ConfigError(f"--{key} expects {'an int' if tp is int else 'a float' if tp is float else _type_name(tp)}, got {value!r}")
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        if type(None) in args and text.strip().lower() in ("none", "null", ""):
+        if type(None) in args and (value is None or (text and value.strip().lower() in ("none", "null", ""))):
             return None
-        errors = []
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(text, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"--{key} expects {_type_name(tp)}, got {text!r}")
-    if origin in (tuple, Tuple, list, List) or tp in (tuple, list):
-        args = typing.get_args(tp)
-        elem = args[0] if args else str
-        parts = [p for p in text.replace(" ", "").strip("()[]").split(",") if p != ""]
+            if a is not type(None):
+                try:
+                    return _coerce(value, a, key, text)
+                except ConfigError:
+                    pass
+        raise bad
+    if origin in (tuple, Tuple, list, List):
+        elem = (typing.get_args(tp) or (str,))[0]
+        parts = [p for p in value.replace(" ", "").strip("()[]").split(",") if p] if text else value
+        if not isinstance(parts, list):
+            raise bad
         try:
-            vals = [_convert(p, elem, key) for p in parts]
+            vals = [_coerce(p, elem, key, text) for p in parts]
         except ConfigError:
-            raise ConfigError(f"--{key} expects {_type_name(tp)} (e.g. 1,2,2), got {text!r}") from None
-        return tuple(vals) if origin in (tuple, Tuple) or tp is tuple else vals
+            raise ConfigError(f"--{key} expects {_type_name(tp)} (e.g. 1,2,2), got {value!r}") from None
+        return tuple(vals) if origin in (tuple, Tuple) else vals
     if tp is bool:
-        low = text.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ConfigError(f"--{key} expects a boolean (true/false), got {text!r}")
+        if not text:
+            if isinstance(value, bool):
+                return value
+            raise bad
+        low = value.strip().lower()
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ConfigError(f"--{key} expects a boolean (true/false), got {value!r}")
     if tp is int:
+        if not text:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise bad
         try:
-            return int(text)
+            return int(value)
         except ValueError:
-            try:  # accept 1e5 and 1_000 style integers if they are whole
-                f = float(text)
+            try:  # 1e5 is a whole number too
+                f = float(value)
                 if f.is_integer():
                     return int(f)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
-            raise ConfigError(f"--{key} expects an int, got {text!r}") from None
+            raise bad from None
     if tp is float:
+        if not text:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            raise bad
         try:
-            return float(text)
+            return float(value)
         except ValueError:
-            raise ConfigError(f"--{key} expects a float, got {text!r}") from None
-    if tp is str:
-        return text
-    if tp is Any:
-        return text
+            raise bad from None
+    if tp in (str, Any):
+        if text or isinstance(value, str):
+            return value
+        raise bad
     raise ConfigError(f"--{key}: unsupported field type {tp!r}")
 
 
@@ -407,12 +545,18 @@ def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     if not close:  # also try the last component alone: --lr -> train.lr
         leaf = key.split(".")[-1]
-        close = [k for k in valid if k.split(".")[-1] == leaf] or difflib.get_close_matches(
-            leaf, [k.split(".")[-1] for k in valid], n=3
-        )
-        close = [k for k in valid if k in close or k.split(".")[-1] in close][:4]
+        leaves = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in valid], n=3)
+        close = [k for k in valid if k.split(".")[-1] in leaves][:4]
     hint = f" Did you mean: {', '.join('--' + c for c in close)}?" if close else ""
     return f"unknown option --{key}.{hint} (run with --help-config to list all options)"
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_overrides(cfg: Config, args: Sequence[str]) -> Dict[str, Any]:
@@ -424,8 +568,8 @@ def parse_overrides(cfg: Config, args: Sequence[str]) -> Dict[str, Any]:
     """
     valid = flat_keys(cfg)
     out: Dict[str, Any] = {}
-    i = 0
     args = list(args)
+    i = 0
     while i < len(args):
         tok = args[i]
         if not tok.startswith("--") or len(tok) <= 2:
@@ -438,96 +582,38 @@ def parse_overrides(cfg: Config, args: Sequence[str]) -> Dict[str, Any]:
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
             if nxt is None or (nxt.startswith("--") and len(nxt) > 2 and not _is_number(nxt)):
-                if tp is bool:
-                    value = "true"
-                else:
+                if tp is not bool:
                     raise ConfigError(f"--{key} needs a value ({_type_name(tp)})")
+                value = "true"
             else:
-                value = nxt
-                i += 1
-        out[key] = _convert(value, tp, key)
+                value, i = nxt, i + 1
+        out[key] = _coerce(value, tp, key, text=True)
         i += 1
     return out
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
 def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
-    """Set dotted keys in place (values already typed, e.g. from :func:`parse_overrides`)."""
-    valid = flat_keys(cfg)
+    """Set dotted keys in place (values already typed, e.g. from :func:`parse_overrides`), then validate."""
+    leaves = {key: (obj, name) for key, obj, name, _ in _leaves(cfg)}
     for key, value in overrides.items():
-        if key not in valid:
-            raise ConfigError(_unknown_key_message(key, list(valid)))
-        *path, leaf = key.split(".")
-        obj = cfg
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, value)
+        if key not in leaves:
+            raise ConfigError(_unknown_key_message(key, list(leaves)))
+        setattr(*leaves[key], value)
     validate(cfg)
     return cfg
-
-
-_CHOICES = {
-    "sde.kind": ("ve", "vp", "subvp"),
-    "sample.sampler": ("em", "pc", "ode", "heun"),
-}
-
-
-def validate(cfg: Config) -> None:
-    """Check values that a type alone does not pin down (choices, positivity)."""
-    for key, choices in _CHOICES.items():
-        section, leaf = key.split(".")
-        v = getattr(getattr(cfg, section), leaf)
-        if v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"--{key} must be one of {', '.join(choices)}; got {v!r}.{hint}")
-    if isinstance(cfg.model, ModelConfig):
-        if cfg.model.arch not in ("mlp", "unet"):
-            raise ConfigError(f"--model.arch must be 'mlp' or 'unet', got {cfg.model.arch!r}")
-        if cfg.model.embedding not in ("sinusoidal", "fourier"):
-            raise ConfigError(f"--model.embedding must be 'sinusoidal' or 'fourier', got {cfg.model.embedding!r}")
-    t = cfg.train
-    for name in ("n_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"--train.{name} must be >= 1, got {getattr(t, name)}")
-    for name in ("warmup", "sample_every", "max_steps_per_run"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"--train.{name} must be >= 0, got {getattr(t, name)}")
-    if not t.lr > 0:
-        raise ConfigError(f"--train.lr must be positive, got {t.lr}")
-    if not 0.0 <= t.ema_rate < 1.0:
-        raise ConfigError(f"--train.ema_rate must lie in [0, 1), got {t.ema_rate}")
-    if cfg.sample.n_steps < 1 or cfg.sample.n_samples < 1:
-        raise ConfigError("--sample.n_steps and --sample.n_samples must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------
 # (De)serialisation: config.json and the copy inside each checkpoint
 # ----------------------------------------------------------------------------------------------
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
-    """Nested dict of plain values (tuples become lists); ``model_class`` names the model config."""
-    d = dataclasses.asdict(cfg)
-
-    def lists(v):
-        if isinstance(v, dict):
-            return {k: lists(x) for k, x in v.items()}
-        if isinstance(v, (tuple, list)):
-            return [lists(x) for x in v]
-        return v
-
-    d = lists(d)
+    """Nested dict of JSON values (tuples become lists); ``model_class`` names the model config."""
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists
     d["model_class"] = type(cfg.model).__name__
     return d
 
 
-def _model_config_class(name: str):
+def _model_config_class(name: Any):
     if name == "ModelConfig":
         return ModelConfig
     if name == "NCSNppConfig":
@@ -537,7 +623,7 @@ def _model_config_class(name: str):
     raise ConfigError(f"unknown model config class {name!r} (expected ModelConfig or NCSNppConfig)")
 
 
-def _from_dict(cls, d: Dict[str, Any], where: str):
+def _from_dict(cls, d: Any, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = _hints(cls)
@@ -545,31 +631,25 @@ def _from_dict(cls, d: Dict[str, Any], where: str):
     unknown = set(d) - names
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue  # a field added after the file was written keeps its default
-        v = d[f.name]
-        tp = hints.get(f.name, Any)
-        origin = typing.get_origin(tp)
-        if isinstance(v, list) and (origin in (tuple, Tuple) or _union_has(tp, tuple)):
-            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def _union_has(tp, kind) -> bool:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return any(typing.get_origin(a) is kind or a is kind for a in typing.get_args(tp))
-    return False
+    # A field added after the file was written keeps its default.
+    kwargs = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}", text=False) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def config_from_dict(d: Dict[str, Any]) -> Config:
-    """Inverse of :func:`config_to_dict` (for config.json and checkpoints)."""
+    """Inverse of :func:`config_to_dict` (for config.json and checkpoints); ``ConfigError`` on bad content."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
     d = dict(d)
     model_cls = _model_config_class(d.pop("model_class", "ModelConfig"))
+    preset = d.get("preset", "custom")
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset must be a string, got {preset!r}")
     return Config(
-        preset=d.get("preset", "custom"),
+        preset=preset,
         model=_from_dict(model_cls, d.get("model", {}), "model"),
         sde=_from_dict(SDEConfig, d.get("sde", {}), "sde"),
         data=_from_dict(DataConfig, d.get("data", {}), "data"),
@@ -579,12 +659,15 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
 
 
 def describe(cfg: Config) -> str:
-    """One line per override key with its type and current value (for ``--help-config``)."""
-    lines = []
-    for key, tp in flat_keys(cfg).items():
-        *path, leaf = key.split(".")
-        obj = cfg
-        for p in path:
-            obj = getattr(obj, p)
-        lines.append(f"  --{key:<32} {_type_name(tp):<28} = {getattr(obj, leaf)!r}")
+    """Every override key with its type, current value and help text (``--help-config``)."""
+    helps: Dict[str, str] = {}
+    for section in ("model", "sde", "data", "train", "sample"):
+        helps.update({f"{section}.{k}": v for k, v in field_help(type(getattr(cfg, section))).items()})
+    lines = [f"Options of preset {cfg.preset} (override any with --key value):", ""]
+    for key, obj, name, tp in _leaves(cfg):
+        if key == "preset":
+            continue
+        lines.append(f"  --{key} {_type_name(tp)} = {getattr(obj, name)!r}")
+        if key in helps:
+            lines.append(f"      {helps[key]}")
     return "\n".join(lines)

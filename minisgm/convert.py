@@ -39,6 +39,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .build import build_model, n_classes_of
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_state_dict_checked, save_checkpoint
 from .config import PRESETS, Config, ConfigError, apply_overrides, config_to_dict, get_preset, parse_overrides
 from .models.ncsnpp import NCSNpp, NCSNppConfig
@@ -160,8 +161,6 @@ def import_checkpoint(path: str | Path, cfg: Config) -> Dict:
         CheckpointError: unreadable file, or weights that do not fit ``cfg``'s model.
         ConfigError: ``cfg`` does not describe an unconditional NCSN++ / DDPM++ network.
     """
-    from .train import build_model, example_shape, n_classes_of
-
     if not isinstance(cfg.model, NCSNppConfig):
         raise ConfigError("score_sde_pytorch checkpoints hold NCSN++/DDPM++ networks: choose a preset with an "
                           "NCSN++ model (e.g. cifar10_ncsnpp_ve, cifar10_ddpmpp_vp)")
@@ -172,7 +171,7 @@ def import_checkpoint(path: str | Path, cfg: Config) -> Dict:
         cfg.sde.exact_variance = False  # the official networks condition on sigma(t)
     path = Path(path)
     state = _load_reference_checkpoint(path)
-    model = build_model(cfg, example_shape(cfg.data))
+    model = build_model(cfg)
     ref_model = {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
     try:
         weights = convert_state_dict(ref_model, model)

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .sde import SDE, batch_time
 
 __all__ = ["GaussianMixture", "exact_score_fn"]
@@ -269,24 +271,6 @@ __all__ += ["exact_log_prob_fn"]
 # =========================================================================================
 
 
-def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    return n
-
-
-def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _rand_device(generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
@@ -318,7 +302,7 @@ def two_moons(
     ``sqrt((Var x + Var y) / 2)`` (about 0.705; both variances in closed form below), then
     Gaussian ``noise`` (in the standardised units) is added.
     """
-    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
     dev = _rand_device(generator)
     a = math.pi * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
     lower = torch.rand(n, generator=generator, device=dev, dtype=torch.float64) < 0.5
@@ -344,7 +328,7 @@ def swiss_roll(
     Centred at the exact mean ``E[(a cos a, a sin a)]`` and divided by the exact RMS standard
     deviation ``sqrt((E a^2 - |mean|^2) / 2)`` (about 6.79), then ``noise`` is added.
     """
-    n, noise = _check_n(n), _check_nonneg("noise", noise)
+    n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
     lo, hi = 1.5 * math.pi, 4.5 * math.pi
     length = hi - lo
     # Antiderivatives: int a cos a = a sin a + cos a, int a sin a = sin a - a cos a.
@@ -371,8 +355,8 @@ def checkerboard(
     exactly uniform on ``[-sqrt(3), sqrt(3)]``: mean 0, variance 1. The density has jumps, so
     its score is a sum of Dirac walls: a hard case for score estimation.
     """
-    n = _check_n(n)
-    k = _check_count("n_squares", n_squares, minimum=2)
+    n = check_int("n", n, 0)
+    k = check_int("n_squares", n_squares, 2)
     if k % 2:
         raise ValueError(f"n_squares must be even (so each coordinate is uniform), got {k}")
     dev = _rand_device(generator)
@@ -400,8 +384,8 @@ def rings(
     ``r_i``). ``R`` is chosen so that ``E[r^2] / 2 = 1``: each coordinate has mean 0 and
     variance exactly 1 before the ``noise`` is added.
     """
-    n, noise = _check_n(n), _check_nonneg("noise", noise)
-    k = _check_count("n_rings", n_rings)
+    n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
+    k = check_int("n_rings", n_rings)
     dev = _rand_device(generator)
     unit = torch.arange(1, k + 1, dtype=torch.float64, device=dev) / k  # radii for R = 1
     weights = unit / unit.sum()
@@ -434,8 +418,8 @@ def spirals(
     ``2 pi / n_arms``, so the mean is exactly 0 and the average per-coordinate variance exactly
     1 (before ``noise``); a single arm is off-centre.
     """
-    n, noise = _check_n(n), _check_nonneg("noise", noise)
-    k = _check_count("n_arms", n_arms)
+    n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
+    k = check_int("n_arms", n_arms)
     if isinstance(turns, bool) or not isinstance(turns, (int, float)) or not turns > 0 or not math.isfinite(turns):
         raise ValueError(f"turns must be a positive finite number, got {turns!r}")
     dev = _rand_device(generator)
@@ -453,7 +437,7 @@ def eight_gaussians_mixture(radius: float = math.sqrt(2.0), std: float = 0.1) ->
     Each coordinate has mean 0 and variance ``radius^2 / 2 + std^2`` (1.01 by default), and
     the mixture's score (of every noised marginal too) is exact: see :func:`exact_score_fn`.
     """
-    radius = _check_nonneg("radius", radius)
+    radius = check_number("radius", radius, 0.0)
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0 or not math.isfinite(std):
         raise ValueError(f"std must be a positive finite number, got {std!r}")
     a = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
@@ -470,7 +454,7 @@ def eight_gaussians(
     std: float = 0.1,
 ) -> Tensor:
     """Samples ``[n, 2]`` of :func:`eight_gaussians_mixture` ``(radius, std)``."""
-    n = _check_n(n)
+    n = check_int("n", n, 0)
     gmm = eight_gaussians_mixture(radius, std)
     x = gmm.sample(n, generator=generator, dtype=torch.float64)
     return _finish(x, device, dtype)
@@ -690,3 +674,149 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
 
 
 __all__ += ["CIFAR10_CLASSES", "load_cifar10"]
+
+
+# =========================================================================================
+# Your own images: a folder of image files, or an array file. Book: :ref:`sec-scaling-up`.
+# =========================================================================================
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+"""File suffixes :func:`load_image_folder` reads (case-insensitive)."""
+
+
+def _resize_crop(img, size: int):
+    """Resize so the shorter side is ``size`` (Lanczos), then crop the centre ``size x size``."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image_folder(
+    path: str | os.PathLike, image_size: int = 0, channels: int = 0
+) -> Tuple[Tensor, Optional[Tensor], Tuple[str, ...]]:
+    """Every image file under ``path`` (recursively), as one ``uint8 [N, C, H, W]`` tensor.
+
+    Labels come from the folder layout: if every image lies in a sub-folder of ``path``
+    (``path/cat/1.png``, ``path/dog/2.jpg``), the first-level sub-folders are the classes, in
+    sorted order; otherwise there are no labels. ``image_size > 0`` resizes each image (shorter
+    side, Lanczos) and crops its centre to ``image_size x image_size``; ``0`` keeps the native
+    size, which must then be the same for all. ``channels`` is 1 (grey) or 3 (RGB); ``0``
+    picks 1 if every image is grey, else 3.
+
+    Returns:
+        ``(images uint8 [N, C, H, W], labels int64 [N] or None, class names)``.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: no folder at ``path``.
+        ValueError: no image files, an unreadable file (named), or mixed sizes with
+            ``image_size=0`` (two examples named).
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder (data.dataset=folder needs a folder of images; "
+                                 "use data.dataset=npz for an array file)")
+    if channels not in (0, 1, 3):
+        raise ValueError(f"channels must be 0 (automatic), 1 or 3, got {channels!r}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    rel = [p.relative_to(root) for p in files]
+    classes: Tuple[str, ...] = ()
+    labels = None
+    if all(len(r.parts) > 1 for r in rel):
+        classes = tuple(sorted({r.parts[0] for r in rel}))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[r.parts[0]] for r in rel], dtype=torch.int64)
+    opened = []
+    for p in files:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                opened.append(img.copy())
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ValueError(f"cannot read the image {p}: {err}") from None
+    if channels == 0:
+        channels = 1 if all(img.mode in ("1", "L", "I;16", "I") for img in opened) else 3
+    arrays = []
+    first = None
+    for p, img in zip(files, opened):
+        img = img.convert("L" if channels == 1 else "RGB")
+        if image_size > 0:
+            img = _resize_crop(img, image_size)
+        elif first is None:
+            first = (p, img.size)
+        elif img.size != first[1]:
+            raise ValueError(
+                f"the images have different sizes ({first[0].name}: {first[1][0]}x{first[1][1]}, "
+                f"{p.name}: {img.size[0]}x{img.size[1]}): set --data.image_size N to resize and "
+                "centre-crop them all to N x N"
+            )
+        a = np.asarray(img, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays)), labels, classes
+
+
+def load_npz(path: str | os.PathLike) -> Tuple[Tensor, Optional[Tensor]]:
+    """Images from a NumPy ``.npz`` (or ``.npy``) file, as ``uint8 [N, C, H, W]``.
+
+    The images are the array ``images`` (or ``x``, or the file's only array): ``uint8`` (or
+    floats in ``[0, 1]``, rounded to 256 levels) of shape ``[N, H, W]``, ``[N, H, W, C]`` or
+    ``[N, C, H, W]`` with ``C`` in 1 or 3. Optional labels: the array ``labels`` (or ``y``),
+    integers ``[N]``. Read with ``allow_pickle=False``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an unreadable file, no image array, or an array of the wrong shape/type.
+    """
+    import numpy as np
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"array file not found: {p}")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        arrays = {"images": loaded} if isinstance(loaded, np.ndarray) else {k: loaded[k] for k in loaded.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot read {p} as a .npz/.npy array file: {err}") from None
+    key = next((k for k in ("images", "x") if k in arrays), None)
+    if key is None:
+        image_keys = [k for k in arrays if k not in ("labels", "y")]
+        if len(image_keys) != 1:
+            raise ValueError(f"{p}: name the image array 'images' (found arrays {sorted(arrays)})")
+        key = image_keys[0]
+    x = arrays[key]
+    if x.dtype.kind == "f":
+        if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            raise ValueError(f"{p}: float images must lie in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
+        x = np.round(x * 255).astype(np.uint8)
+    elif x.dtype != np.uint8:
+        raise ValueError(f"{p}: images must be uint8 (0..255) or floats in [0, 1], got {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"{p}: images must have shape [N, H, W], [N, H, W, C] or [N, C, H, W] with C in 1 or 3 "
+                         f"and N >= 1, got {list(x.shape)}")
+    labels = None
+    lkey = next((k for k in ("labels", "y") if k in arrays), None)
+    if lkey is not None:
+        lab = arrays[lkey]
+        if lab.shape != (x.shape[0],) or lab.dtype.kind not in "iu" or (lab.size and lab.min() < 0):
+            raise ValueError(f"{p}: labels must be non-negative integers of shape [{x.shape[0]}], "
+                             f"got {lab.dtype} {list(lab.shape)}")
+        labels = torch.from_numpy(lab.astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(x)), labels
+
+
+__all__ += ["IMAGE_SUFFIXES", "load_image_folder", "load_npz"]

@@ -1,21 +1,29 @@
 """Train a score model: ``python -m minisgm.train [--preset NAME] [--train.lr 1e-4 ...]``.
 
-One loop serves a 2-D toy, the 8x8 digits and CIFAR-10. Each optimizer step draws a global
-batch, splits it into ``world_size x grad_accum`` shards (one per rank and micro-batch), and
-minimises the continuous-time denoising score matching loss of Song et al. (2021), eq. (7),
-:func:`minisgm.score_matching.sde_loss`, with Adam, linear warm-up, gradient clipping and an
-exponential moving average (EMA) of the weights (Song et al. 2021, app. H).
+One loop serves a 2-D toy, the 8x8 digits, CIFAR-10 and your own images. Each optimizer step
+(:func:`train_step`) draws a global batch, splits it into ``world_size x grad_accum`` shards
+(one per rank and micro-batch), and minimises the continuous-time denoising score matching
+loss of Song et al. (2021), eq. (7), :func:`minisgm.score_matching.sde_loss`, with Adam,
+linear warm-up, gradient clipping and an exponential moving average (EMA) of the weights
+(Song et al. 2021, app. H). ``benchmarks/train_throughput.py`` times this same step.
 
 Reproducibility: the data order and every noise draw of shard ``k`` at step ``s`` come from a
 generator seeded with ``(seed, s, k)``, so a run is a function of its config; a run killed at
 any moment and resumed from its last checkpoint ends with exactly the same weights (on CPU, or
 on GPU with ``--train.deterministic``), and ``n`` ranks of ``torchrun`` compute the same
-update as one process with ``grad_accum = n``. Book: :ref:`sec-scaling-up`.
+update as one process with ``grad_accum = n``.
+
+Reliability: one process per run folder (a lock the OS releases when the process dies);
+SIGINT/SIGTERM stop at the next step boundary with a checkpoint (on every rank); a resumed run
+keeps its saved config and refuses overrides that would make its checkpoint meaningless (SDE,
+model, data), stating the ones it accepts; checkpoints carry a digest and the previous one is
+kept. Book: :ref:`sec-scaling-up`.
 
 Run folder (``runs/<preset>-<timestamp>`` unless ``--run-dir``)::
 
-    config.json        the resolved config
-    checkpoint.pt      the latest checkpoint (plus checkpoint-<step>.pt with keep_snapshots)
+    config.json        the config of the latest checkpoint (rewritten with each checkpoint)
+    checkpoint.pt      the latest checkpoint, checkpoint.prev.pt the one before it
+    history.jsonl      one line per start, resume and stop, with the settings changed
     metrics.jsonl      one JSON line per log interval: step, loss, lr, grad_norm, images_per_s
     samples/step-<step>.png   sample grids drawn with the EMA weights
 """
@@ -29,286 +37,124 @@ import datetime
 import json
 import math
 import os
-import random
+import shutil
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import sde as sde_lib
-from .score_matching import sde_loss
+from .build import TrainingData, _mix, build_data, build_model, build_sde, configure_threads, generate, score_fn_of, to_unit_range
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    RunFolderBusy,
+    find_checkpoint,
     get_rng_state,
     load_checkpoint,
     load_state_dict_checked,
+    lock_run_folder,
+    previous_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
-from .config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    describe,
-    get_preset,
-    parse_overrides,
-    PRESETS,
-    validate,
-)
+from .config import PRESETS, Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, describe, get_preset, parse_overrides, validate
+from .images import save_grid, save_scatter
+from .samplers import NonFiniteSampleError
+from .score_matching import sde_loss
 
 __all__ = [
-    "build_sde",
-    "build_model",
-    "build_data",
-    "example_shape",
-    "n_classes_of",
-    "score_fn_of",
     "lr_at",
     "ema_update",
+    "build_optimizer",
+    "train_step",
     "Dist",
     "setup_distributed",
     "TrainingDiverged",
+    "TrainingStopped",
     "train",
+    "resolve_config",
     "main",
 ]
-
-TOY_DATASETS = ("two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or gradient norm) became NaN or infinite."""
 
 
+class TrainingStopped(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint (``signum``)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ----------------------------------------------------------------------------------------------
-# Building blocks from the config
+# One optimizer step
 # ----------------------------------------------------------------------------------------------
-def build_sde(cfg) -> sde_lib.SDE:
-    """The SDE object of ``cfg.sde`` (a :class:`~minisgm.config.SDEConfig`)."""
-    if cfg.kind == "ve":
-        return sde_lib.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, exact_variance=cfg.exact_variance)
-    if cfg.kind == "vp":
-        return sde_lib.VPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
-    if cfg.kind == "subvp":
-        return sde_lib.SubVPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max)
-    raise ConfigError(f"sde.kind must be ve, vp or subvp, got {cfg.kind!r}")
-
-
-class Data:
-    """A training set with a deterministic, resumable batch order.
-
-    ``batch(step, shard, n_shards, batch_size, generator)`` returns shard ``shard`` of the global
-    batch of optimizer step ``step`` (0-based). Finite data sets walk through one random
-    permutation per epoch, the permutation of epoch ``e`` seeded by ``(seed, e)``; the global
-    batch of step ``s`` covers positions ``s B ... s B + B - 1`` of that endless sequence.
-    Toy data are drawn fresh from the shard's generator. Flips and dequantisation use the
-    shard's generator as well, so everything depends only on ``(seed, step, shard)``.
-    """
-
-    def __init__(self, cfg, seed: int, device: torch.device):
-        self.cfg, self.seed, self.device = cfg, seed, device
-        self.images: Optional[Tensor] = None
-        self.labels: Optional[Tensor] = None
-        self.toy: Optional[Callable] = None
-        self.levels = 0
-        name = cfg.dataset
-        if name == "digits":
-            from .data import load_digits
-
-            levels, labels = load_digits(return_int=True)
-            if cfg.holdout:
-                # The test digits stay unseen, so bits/dim and the digits FD of evaluate.py
-                # measure generalisation (the split is the digit classifier's as well).
-                from .digit_features import digits_split
-
-                train_idx = digits_split()[0]
-                levels, labels = levels[train_idx], labels[train_idx]
-            self.images, self.levels = levels.to(torch.uint8), 17
-            self.labels = labels
-            self.n_classes = 10
-        elif name == "cifar10":
-            from .data import load_cifar10
-
-            if not cfg.path:
-                raise ConfigError("data.path must name the CIFAR-10 folder for dataset=cifar10 (e.g. --data.path data/cifar10)")
-            images, labels = load_cifar10(cfg.path, train=True)
-            self.images, self.labels, self.levels = images, torch.as_tensor(labels), 256
-            self.n_classes = 10
-        elif name in TOY_DATASETS:
-            from . import data as data_mod
-
-            self.toy = getattr(data_mod, name)
-            self.n_classes = 0
-        else:
-            raise ConfigError(f"unknown data.dataset {name!r}; choose digits, cifar10 or one of {', '.join(TOY_DATASETS)}")
-        if self.images is not None:
-            self.images = self.images.to(device)
-            self.labels = self.labels.to(device)
-        self._perm_epoch, self._perm = -1, None
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        """Shape of one example."""
-        return (2,) if self.toy is not None else tuple(self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return 0 if self.images is None else self.images.shape[0]
-
-    def _permutation(self, epoch: int) -> Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
-            self._perm = torch.randperm(len(self), generator=g).to(self.device)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def indices(self, step: int, batch_size: int) -> Tensor:
-        """Dataset indices ``[batch_size]`` of the global batch of ``step``."""
-        n = len(self)
-        pos = step * batch_size + torch.arange(batch_size)
-        epochs = pos // n
-        out = torch.empty(batch_size, dtype=torch.long, device=self.device)
-        for e in epochs.unique().tolist():
-            mask = epochs == e
-            out[mask.to(self.device)] = self._permutation(e)[(pos[mask] % n).to(self.device)]
-        return out
-
-    def to_model_scale(self, x01: Tensor) -> Tensor:
-        """Images in ``[0, 1]`` -> model space (``[-1, 1]`` when ``centered``)."""
-        return x01 * 2 - 1 if self.cfg.centered else x01
-
-    def from_model_scale(self, x: Tensor) -> Tensor:
-        """Model space -> images in ``[0, 1]`` (not clipped)."""
-        return (x + 1) / 2 if self.cfg.centered else x
-
-    def batch(self, step: int, shard: int, n_shards: int, batch_size: int, generator: torch.Generator) -> Tuple[Tensor, Optional[Tensor]]:
-        """Shard ``shard`` of ``n_shards`` of step ``step``'s global batch: ``(x, y or None)``."""
-        b = batch_size // n_shards
-        if self.toy is not None:
-            x = self.toy(b, generator=generator, device=self.device)
-            return x.to(self.device, torch.float32), None
-        idx = self.indices(step, batch_size)[shard * b : (shard + 1) * b]
-        k = self.images[idx].to(torch.float32)
-        if self.cfg.uniform_dequantization:
-            u = torch.rand(k.shape, generator=generator, device=generator.device).to(self.device)
-            x01 = (k + u) / self.levels
-        else:
-            x01 = k / (self.levels - 1)
-        if self.cfg.random_flip:
-            flip = torch.rand(b, generator=generator, device=generator.device).to(self.device) < 0.5
-            x01 = torch.where(flip[:, None, None, None], x01.flip(-1), x01)
-        y = self.labels[idx] if self.cfg.class_conditional else None
-        return self.to_model_scale(x01), y
-
-
-def example_shape(data_cfg) -> Tuple[int, ...]:
-    """Shape of one training example of ``data_cfg`` (without loading the data)."""
-    if data_cfg.dataset == "digits":
-        return (1, 8, 8)
-    if data_cfg.dataset == "cifar10":
-        return (3, 32, 32)
-    if data_cfg.dataset in TOY_DATASETS:
-        return (2,)
-    raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; choose digits, cifar10 or one of {', '.join(TOY_DATASETS)}")
-
-
-def n_classes_of(data_cfg) -> int:
-    """Number of classes a conditional model needs (0 for unconditional runs and toy data)."""
-    return 10 if data_cfg.class_conditional and data_cfg.dataset in ("digits", "cifar10") else 0
-
-
-def build_data(cfg: Config, device: torch.device) -> Data:
-    """The training data of ``cfg.data`` (loaded once, kept on ``device``)."""
-    return Data(cfg.data, cfg.train.seed, device)
-
-
-def build_model(cfg: Config, data_shape: Sequence[int], n_classes: int = 0) -> nn.Module:
-    """The score network ``model(x, t[, y]) -> score`` of ``cfg.model``.
-
-    The network's output is divided by the SDE's marginal std ``s(t)`` (it predicts ``-z`` or
-    ``s(t)`` times the score; Song & Ermon 2020, technique 3), so the model is built with the SDE.
-    For NCSN++ the data-dependent fields (``centered``, ``num_classes``, image size and channels)
-    are taken from the data config.
-    """
-    m = cfg.model
-    sde = build_sde(cfg.sde)
-    marginal_std = lambda t: sde.marginal_coeffs(t)[1]  # noqa: E731
-    num_classes = n_classes or None
-    if isinstance(m, ModelConfig):
-        from .models import ScoreMLP, SmallUNet
-
-        if m.arch == "mlp":
-            if len(data_shape) != 1:
-                raise ConfigError(f"model.arch=mlp needs flat (toy) data, got examples of shape {list(data_shape)}")
-            return ScoreMLP(dim=data_shape[0], hidden=m.hidden, n_layers=m.n_layers, embed_dim=m.embed_dim,
-                            embedding=m.embedding, marginal_std=marginal_std, num_classes=num_classes)
-        if len(data_shape) != 3:
-            raise ConfigError(f"model.arch=unet needs images [C, H, W], got examples of shape {list(data_shape)}")
-        return SmallUNet(
-            in_channels=data_shape[0], base_channels=m.nf, channel_mults=tuple(m.ch_mult),
-            num_res_blocks=m.num_res_blocks, embed_dim=m.embed_dim, num_classes=num_classes,
-            dropout=m.dropout, marginal_std=marginal_std, attention=m.attention, embedding=m.embedding,
-        )
-    import dataclasses
-
-    from .models.ncsnpp import NCSNpp
-
-    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-        raise ConfigError(f"NCSN++ needs square images [C, H, H], got examples of shape {list(data_shape)}")
-    m = dataclasses.replace(m, centered=cfg.data.centered, num_classes=num_classes,
-                            num_channels=data_shape[0], image_size=data_shape[1])
-    return NCSNpp(m, sde)
-
-
-def score_fn_of(model: nn.Module, y: Optional[Tensor] = None, autocast: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
-    """``score_fn(x, t)`` of a model, with class labels ``y`` bound if given; float32 output."""
-    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
-
-    def score_fn(x: Tensor, t: Tensor) -> Tensor:
-        ctx = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            out = model(x, t) if y is None else model(x, t, y)
-        return out.float()
-
-    return score_fn
-
-
-def lr_at(step: int, cfg) -> float:
+def lr_at(step: int, tc) -> float:
     """Learning rate of optimizer step ``step`` (1-based): ``lr min(1, step / warmup)`` (score-SDE)."""
-    if cfg.warmup > 0:
-        return cfg.lr * min(1.0, step / cfg.warmup)
-    return cfg.lr
+    return tc.lr * min(1.0, step / tc.warmup) if tc.warmup > 0 else tc.lr
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """``theta_ema <- rate theta_ema + (1 - rate) theta`` for every parameter (buffers are copied)."""
-    ema_p = [p for p in ema.parameters()]
-    p = [q.detach() for q in model.parameters()]
-    torch._foreach_lerp_(ema_p, p, 1.0 - rate)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - rate)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
 
-def _mix(*ints: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style), so (seed, step, shard) seeds do not collide."""
-    h = 0x9E3779B97F4A7C15
-    for v in ints:
-        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+def build_optimizer(tc, model: nn.Module, device: torch.device) -> torch.optim.Adam:
+    """Adam of ``cfg.train`` (fused on CUDA when ``fused_adam``)."""
+    fused = tc.fused_adam and device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay, fused=fused or None)
+
+
+def train_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    sde,
+    micro_batches: Sequence[Tuple[Tensor, Optional[Tensor], torch.Generator]],
+    tc,
+    lr: float,
+    eps: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One optimizer step over ``micro_batches`` (``(x, y or None, generator)`` each).
+
+    For each micro-batch: the DSM loss (bf16 autocast with ``mixed_precision``), backward of
+    ``loss / n``; then the global gradient norm is clipped to ``grad_clip`` (``<= 0``: not
+    clipped) and Adam steps at ``lr``. Gradients of all but the last micro-batch are not
+    all-reduced under DDP (``no_sync``). Returns ``(mean loss, gradient norm before clipping)``
+    as 0-d tensors: nothing is read back to the host.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for k, (x, y, gen) in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if k == n - 1 or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            loss = sde_loss(score_fn_of(net, y, tc.mixed_precision), sde, x, eps=eps,
+                            likelihood_weighting=tc.likelihood_weighting, generator=gen)
+            (loss / n).backward()
+        loss_sum += loss.detach() / n
+    params = [p for group in opt.param_groups for p in group["params"]]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, gnorm.detach()
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed plumbing
+# Distributed plumbing and stop signals
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -318,6 +164,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    flags: object = field(default=None, repr=False)  # a gloo group for host-side flags (stop signals)
 
     @property
     def is_main(self) -> bool:
@@ -334,7 +181,10 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device={pref!r} but CUDA is not available here; use --train.device cpu")
-        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+        try:
+            return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+        except RuntimeError:
+            raise ConfigError(f"train.device={pref!r} is not a device name (cuda or cuda:N)") from None
     if pref == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {pref!r}")
@@ -343,28 +193,30 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
 def setup_distributed(device_pref: str = "auto") -> Dist:
     """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE > 1``).
 
-    NCCL on GPUs, gloo on CPUs. Each rank uses ``cuda:LOCAL_RANK``.
+    NCCL on GPUs, gloo on CPUs; a gloo group carries host-side flags (stop signals) so that
+    agreeing on them never waits for the GPU. Each rank uses ``cuda:LOCAL_RANK``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(device_pref, local)
+    flags = None
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
-    return Dist(rank, world, local, device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        flags = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return Dist(rank, world, local, device, flags)
 
 
-def _all_reduce(t: Tensor, d: Dist, op: str = "sum") -> Tensor:
+def _all_reduce(t: Tensor, d: Dist, op: str = "sum", group=None) -> Tensor:
     if d.enabled:
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return t
 
 
@@ -378,9 +230,75 @@ def _broadcast_str(s: str, d: Dist) -> str:
     return obj[0]
 
 
+class StopSignals:
+    """SIGINT and SIGTERM set a flag; the loop stops at the next step boundary, after a checkpoint.
+
+    Under ``torchrun`` the ranks agree on the flag (a MAX all-reduce of a host tensor over a gloo
+    group, every step) so that all of them stop after the same step. A second SIGINT stops at
+    once (``KeyboardInterrupt``).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, d: Dist):
+        self.d, self.signum, self._previous = d, 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> int:
+        """The signal number every rank agrees to stop for (0: none)."""
+        if not self.d.enabled:
+            return self.signum
+        flag = _all_reduce(torch.tensor([self.signum]), self.d, "max", group=self.d.flags)
+        return int(flag[0])  # a host tensor: no device sync
+
+
 # ----------------------------------------------------------------------------------------------
 # The run folder
 # ----------------------------------------------------------------------------------------------
+REFUSED_ON_RESUME = ("model.", "sde.", "data.", "train.seed")
+"""Config keys a resumed run cannot change: its checkpoint would not mean the same thing
+(``data.path`` may move, ``data`` may not otherwise change)."""
+
+
+def config_changes(saved: Config, cfg: Config) -> Tuple[Dict[str, tuple], Dict[str, tuple]]:
+    """``(refused, accepted)``: the keys whose values differ between ``saved`` and ``cfg``, as
+    ``{key: (old, new)}``, split by :data:`REFUSED_ON_RESUME`."""
+    from .config import _leaves
+
+    old = {k: getattr(o, n) for k, o, n, _ in _leaves(saved)}
+    new = {k: getattr(o, n) for k, o, n, _ in _leaves(cfg)}
+    diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k] and k != "preset"}
+    refused = {k: v for k, v in diff.items() if k.startswith(REFUSED_ON_RESUME) and k != "data.path"}
+    return refused, {k: v for k, v in diff.items() if k not in refused}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics lines written after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
@@ -390,30 +308,220 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= last_step:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             continue  # a line torn by a kill
-    path.write_text("".join(l + "\n" for l in keep))
+    _write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def _save_grid(model: nn.Module, sde, data: Data, cfg: Config, path: Path, device: torch.device) -> None:
-    from .sample import generate, save_grid, save_scatter
-
-    n = cfg.sample.n_samples
-    g = torch.Generator(device).manual_seed(cfg.sample.seed)
-    y = None
-    if cfg.data.class_conditional and data.n_classes:
-        y = torch.arange(n, device=device) % data.n_classes
-    x = generate(model, sde, cfg.sample.sampler, (n, *data.shape), cfg.sample.n_steps, generator=g, y=y,
-                 device=device, snr=cfg.sample.snr, autocast=cfg.train.mixed_precision and device.type == "cuda")
-    if data.toy is not None:
-        save_scatter(x, path)
-    else:
-        save_grid(data.from_model_scale(x).clamp(0, 1), path)
+def _open_run_folder(run_dir: Path):
+    """Create (or reuse) the run folder, take its lock, and remove stale temporary files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(run_dir)
+    for p in remove_stale_temporaries(run_dir):
+        print(f"Removed {p.name}, left by a process killed while writing", flush=True)
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """Everything the loop updates: model, EMA, optimizer, the data, and where the run stands."""
+
+    cfg: Config
+    d: Dist
+    run_dir: Path
+    sde: object
+    data: TrainingData
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    net: nn.Module
+    step: int = 0
+    last_good: Optional[int] = None
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes checkpoint.pt (and its config.json); every rank then knows it is good."""
+        if self.d.is_main:
+            state = {"step": self.step, "config": config_to_dict(self.cfg), "model": self.model.state_dict(),
+                     "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": get_rng_state(),
+                     "world_size": self.d.world_size}
+            path = save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
+            _write_text_atomic(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
+            if self.cfg.train.keep_snapshots:
+                snapshot = self.run_dir / f"checkpoint-{self.step:08d}.pt"
+                try:
+                    os.link(path, snapshot)  # a second name for the same file: no copy
+                except OSError:
+                    shutil.copy2(path, snapshot)
+        self.last_good = self.step
+
+
+def _build_state(cfg: Config, d: Dist, run_dir: Path) -> _State:
+    """Data, model (same initialisation on every rank), EMA, optimizer, and the wrapped network."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    sde = build_sde(cfg.sde)
+    data = build_data(cfg, d.device)  # folder/npz: fills in the image size and classes
+    validate(cfg)
+    model = build_model(cfg, sde).to(d.device)
+    if tc.channels_last and len(data.shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    torch.manual_seed(_mix(tc.seed, d.rank, 0xD0))  # the global generator drives dropout, per rank
+    opt = build_optimizer(tc, model, d.device)
+    net: nn.Module = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if tc.compile:
+        net = torch.compile(net)
+    return _State(cfg, d, run_dir, sde, data, model, ema, opt, net)
+
+
+def _restore(s: _State, saved: Dict) -> None:
+    """Load weights, EMA, optimizer state and RNG states of a checkpoint into ``s``."""
+    path = s.run_dir / CHECKPOINT_NAME
+    load_state_dict_checked(s.model, saved["model"], "model")
+    load_state_dict_checked(s.ema, saved.get("ema", saved["model"]), "EMA")
+    if "optimizer" not in saved:
+        raise CheckpointError(f"{path} holds weights without an optimizer state (imported with minisgm.convert?): "
+                              "it can be sampled and evaluated, not resumed")
+    try:
+        s.opt.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this model: {err}") from None
+    if "rng" in saved:
+        set_rng_state(saved["rng"])
+    s.step = s.last_good = saved["step"]
+
+
+def _resume_or_start(s: _State, resume: bool) -> None:
+    """Resume from the run folder's checkpoint (refusing config changes that would make it
+    meaningless, stating the others) or start; record either in history.jsonl."""
+    d, run_dir, cfg = s.d, s.run_dir, s.cfg
+    changes: Dict[str, tuple] = {}
+    ckpt = run_dir / CHECKPOINT_NAME
+    has_ckpt = resume and (ckpt.is_file() or previous_checkpoint(ckpt).is_file())
+    if has_ckpt:
+        saved = load_checkpoint(find_checkpoint(run_dir), map_location=d.device)
+        try:
+            saved_cfg = config_from_dict(saved["config"])
+        except ConfigError as err:
+            raise CheckpointError(f"the config inside {run_dir / CHECKPOINT_NAME} is invalid: {err}") from None
+        refused, changes = config_changes(saved_cfg, cfg)
+        if refused:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+            raise ConfigError(f"{run_dir} holds a checkpoint of another run ({listed}): resuming would continue its "
+                              f"weights under a different {', '.join(sorted({k.split('.')[0] for k in refused}))}. "
+                              "Choose a new --run-dir, or drop those options.")
+        _restore(s, saved)
+    if d.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", s.step)
+        if not has_ckpt:
+            _write_text_atomic(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        _append_jsonl(run_dir / "history.jsonl", {
+            "event": "resume" if has_ckpt else "start", "step": s.step, "time": time.time(),
+            "changes": {k: list(v) for k, v in changes.items()}, "world_size": d.world_size})
+        n_params = sum(p.numel() for p in s.model.parameters())
+        if has_ckpt:
+            print(f"Resuming {run_dir} from step {s.step}", flush=True)
+            for k, (a, b) in changes.items():
+                print(f"  changed on resume: --{k} {a!r} -> {b!r}", flush=True)
+        print(f"Training {cfg.preset} ({n_params / 1e6:.2f}M parameters, {type(s.sde).__name__}) on {d.device}"
+              f"{f' x {d.world_size} ranks' if d.enabled else ''} -> {run_dir}", flush=True)
+
+
+def _save_grid(s: _State) -> None:
+    """A grid (or scatter plot) of EMA samples, titled with the step it shows."""
+    cfg, device = s.cfg, s.d.device
+    n = cfg.sample.n_samples
+    g = torch.Generator(device).manual_seed(cfg.sample.seed)
+    k = s.data.info.n_classes if cfg.data.class_conditional else 0
+    y = torch.arange(n, device=device) % k if k else None
+    try:
+        x, nfe = generate(s.ema, cfg, s.sde, n, generator=g, y=y, device=device,
+                          autocast=cfg.train.mixed_precision and device.type == "cuda")
+    except (NonFiniteSampleError, RuntimeError) as err:  # a sample grid never stops training
+        print(f"\nnote: no sample grid at step {s.step}: {err}", file=sys.stderr, flush=True)
+        return
+    path = s.run_dir / "samples" / f"step-{s.step:08d}.png"
+    title = f"{cfg.preset}, step {s.step} ({cfg.sample.sampler} sampler, {nfe} NFE)"
+    if s.data.toy is not None:
+        save_scatter(x, path, title=title)
+    else:
+        save_grid(to_unit_range(x, cfg.data).clamp(0, 1), path, title=title)
+
+
+def _loop(s: _State, progress: bool, stop: StopSignals) -> None:
+    """Optimizer steps until ``n_steps`` (or ``max_steps_per_run``) or a stop signal."""
+    cfg, d, tc = s.cfg, s.d, s.cfg.train
+    n_shards = d.world_size * tc.grad_accum
+    gens = [torch.Generator(d.device) for _ in range(tc.grad_accum)]
+    stop_at = tc.n_steps if tc.max_steps_per_run <= 0 else min(tc.n_steps, s.step + tc.max_steps_per_run)
+    sums = torch.zeros(3, device=d.device)  # loss, grad norm, non-finite seen
+    n_logged, t_log = 0, time.perf_counter()
+    pbar = None
+    if progress and d.is_main:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=tc.n_steps, initial=s.step, desc=cfg.preset, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    s.model.train()
+    while s.step < stop_at:
+        s.step += 1
+        batches = []
+        for micro, g in enumerate(gens):
+            shard = d.rank * tc.grad_accum + micro
+            g.manual_seed(_mix(tc.seed, s.step, shard))
+            x, y = s.data.batch(s.step - 1, shard, n_shards, tc.batch_size, g)
+            if tc.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batches.append((x, y, g))
+        loss, gnorm = train_step(s.net, s.opt, s.sde, batches, tc, lr_at(s.step, tc))
+        ema_update(s.ema, s.model, tc.ema_rate)
+        sums += torch.stack([loss, gnorm, (~torch.isfinite(loss + gnorm)).float()])
+        n_logged += 1
+        if pbar is not None:
+            pbar.update(1)
+        signum = stop.requested()
+        last = s.step == stop_at or signum
+        if s.step % tc.log_every == 0 or last:
+            _log(s, sums, n_logged, time.perf_counter() - t_log, pbar)
+            sums.zero_()
+            n_logged, t_log = 0, time.perf_counter()
+        if s.step % tc.ckpt_every == 0 or last:
+            s.checkpoint()
+        if d.is_main and tc.sample_every > 0 and not signum and (s.step % tc.sample_every == 0 or s.step == tc.n_steps):
+            _save_grid(s)
+        if signum:
+            name = signal.Signals(signum).name
+            raise TrainingStopped(f"stopped by {name} at step {s.step}; checkpoint saved: resume with "
+                                  f"python -m minisgm.train --resume {s.run_dir}", signum)
+    if pbar is not None:
+        pbar.close()
+
+
+def _log(s: _State, sums: Tensor, n_logged: int, elapsed: float, pbar) -> None:
+    """Average the interval's loss and gradient norm over ranks, stop on NaN/inf, write a line."""
+    d, tc = s.d, s.cfg.train
+    stats = _all_reduce(sums.clone(), d) / d.world_size
+    loss, gnorm, bad = (float(v) for v in stats)  # one host read per log interval
+    if bad > 0:
+        where = f"{s.run_dir / CHECKPOINT_NAME} (step {s.last_good})" if s.last_good is not None else "none was written"
+        raise TrainingDiverged(f"the loss or gradient norm became NaN/inf before step {s.step}; stopped without saving. "
+                               f"Last good checkpoint: {where}. Lower --train.lr, or check the data.")
+    rec = {"step": s.step, "loss": loss / n_logged, "lr": lr_at(s.step, tc), "grad_norm": gnorm / n_logged,
+           "images_per_s": n_logged * tc.batch_size / max(elapsed, 1e-9), "time": time.time()}
+    if d.is_main:
+        _append_jsonl(s.run_dir / "metrics.jsonl", rec)
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.2g}")
+
+
 def train(
     cfg: Config,
     run_dir: Optional[os.PathLike] = None,
@@ -424,195 +532,55 @@ def train(
     """Train ``cfg`` into ``run_dir`` (resuming from its ``checkpoint.pt`` if there is one).
 
     Returns the run folder. Raises :class:`TrainingDiverged` if the loss becomes NaN/inf (the
-    last good checkpoint is kept) and :class:`~minisgm.checkpoint.CheckpointError` if an existing
+    last good checkpoint is kept), :class:`TrainingStopped` after SIGINT/SIGTERM (with a
+    checkpoint), :class:`~minisgm.checkpoint.RunFolderBusy` if another process trains in
+    ``run_dir``, :class:`~minisgm.config.ConfigError` for a config that does not fit the run
+    folder's checkpoint, and :class:`~minisgm.checkpoint.CheckpointError` if an existing
     checkpoint is corrupt or does not fit the model.
     """
     validate(cfg)
     tc = cfg.train
     d = dist_info or setup_distributed(tc.device)
-    device = d.device
     n_shards = d.world_size * tc.grad_accum
     if tc.batch_size % n_shards:
-        raise ConfigError(
-            f"train.batch_size={tc.batch_size} must be divisible by world_size x grad_accum = "
-            f"{d.world_size} x {tc.grad_accum} (every shard gets the same number of examples)"
-        )
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by world_size x grad_accum = "
+                          f"{d.world_size} x {tc.grad_accum} (every shard gets the same number of examples)")
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
+    elif d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # Run folder: rank 0 names it, the others learn it (all ranks read a checkpoint on resume).
     if run_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = str(Path("runs") / f"{cfg.preset}-{stamp}")
+        run_dir = str(Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(_broadcast_str(str(run_dir), d))
-    ckpt_path = run_dir / CHECKPOINT_NAME
+    lock = _open_run_folder(run_dir) if d.is_main else None
+    try:
+        s = _build_state(cfg, d, run_dir)
+        _resume_or_start(s, resume)
+        with StopSignals(d) as stop:
+            outcome = {"event": "failed"}
+            try:
+                _loop(s, progress, stop)
+                outcome = {"event": "finished" if s.step >= tc.n_steps else "paused"}
+            except TrainingStopped as err:
+                outcome = {"event": "stopped", "signal": signal.Signals(err.signum).name}
+                raise
+            except TrainingDiverged:
+                outcome = {"event": "diverged"}
+                raise
+            finally:
+                if d.is_main:
+                    _append_jsonl(run_dir / "history.jsonl", {**outcome, "step": s.step, "time": time.time()})
+        if d.enabled:
+            import torch.distributed as dist
 
-    # Same initialisation on every rank; the global RNGs are then re-seeded per rank (dropout).
-    torch.manual_seed(tc.seed)
-    sde = build_sde(cfg.sde)
-    data = build_data(cfg, device)
-    model = build_model(cfg, data.shape, n_classes_of(cfg.data)).to(device)
-    if tc.channels_last and len(data.shape) == 3:
-        model = model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    torch.manual_seed(_mix(tc.seed, d.rank, 0xD0))
-    np.random.seed(_mix(tc.seed, d.rank) % 2**32)
-    random.seed(_mix(tc.seed, d.rank, 1))
-    fused = tc.fused_adam and device.type == "cuda"
-    opt = torch.optim.Adam(
-        model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-        weight_decay=tc.weight_decay, fused=fused or None,
-    )
-    # The generator that draws data order, time and noise; re-seeded at every shard from
-    # (seed, step, shard). Its state is checkpointed with the other RNG states.
-    gen = torch.Generator(device)
-
-    step = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        load_state_dict_checked(model, state["model"], "model")
-        load_state_dict_checked(ema, state["ema"], "EMA")
-        if "optimizer" not in state:
-            raise CheckpointError(
-                f"{ckpt_path} holds weights without an optimizer state (imported with minisgm.convert?): "
-                "it can be sampled and evaluated, not resumed"
-            )
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"the optimizer state in {ckpt_path} does not fit this model: {err}") from None
-        step = int(state["step"])
-        if "rng" in state:
-            set_rng_state(state["rng"], {"data": gen})
-        if d.is_main:
-            print(f"Resuming {run_dir} from step {step}", flush=True)
-
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"Training {cfg.preset} ({n_params / 1e6:.2f}M parameters, {type(sde).__name__}) on {device}"
-              f"{f' x {d.world_size} ranks' if d.enabled else ''} -> {run_dir}", flush=True)
-
-    net: nn.Module = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        net = torch.compile(net)
-
-    def checkpoint(step: int) -> None:
-        state = {
-            "step": step,
-            "config": config_to_dict(cfg),
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": get_rng_state({"data": gen}),
-            "world_size": d.world_size,
-        }
-        save_checkpoint(state, ckpt_path)
-        if tc.keep_snapshots:
-            save_checkpoint(state, run_dir / f"checkpoint-{step:08d}.pt")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    autocast = tc.mixed_precision
-    loss_sum = torch.zeros((), device=device)
-    gnorm_sum = torch.zeros((), device=device)
-    bad = torch.zeros((), device=device)  # 1 once a non-finite loss or gradient norm was seen
-    n_logged, t_log = 0, time.perf_counter()
-    last_good = step if ckpt_path.exists() else None
-    start = step
-    stop_at = tc.n_steps if tc.max_steps_per_run <= 0 else min(tc.n_steps, start + tc.max_steps_per_run)
-
-    pbar = None
-    if progress and d.is_main:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=tc.n_steps, initial=start, desc=cfg.preset, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-
-    def check_finite(at: int) -> None:
-        flag = _all_reduce(bad.clone(), d, "max")
-        if float(flag) > 0:
-            where = f"{ckpt_path} (step {last_good})" if last_good is not None else "none was written"
-            raise TrainingDiverged(
-                f"the loss or gradient norm became NaN/inf before step {at}; stopped without saving. "
-                f"Last good checkpoint: {where}. Lower --train.lr, or check the data."
-            )
-
-    model.train()
-    while step < stop_at:
-        step += 1
-        lr = lr_at(step, tc)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for micro in range(tc.grad_accum):
-            shard = d.rank * tc.grad_accum + micro
-            gen.manual_seed(_mix(tc.seed, step, shard))
-            x, y = data.batch(step - 1, shard, n_shards, tc.batch_size, gen)
-            if tc.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            sync_ctx = net.no_sync() if (d.enabled and micro < tc.grad_accum - 1 and hasattr(net, "no_sync")) else contextlib.nullcontext()
-            with sync_ctx:
-                loss = sde_loss(score_fn_of(net, y, autocast), sde, x, eps=cfg.sde.eps,
-                                likelihood_weighting=tc.likelihood_weighting, generator=gen)
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.detach() / tc.grad_accum
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        bad = torch.maximum(bad, (~torch.isfinite(loss_sum + gnorm)).float())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, tc.ema_rate)
-        gnorm_sum += gnorm.detach()
-        n_logged += 1
-        if pbar is not None:
-            pbar.update(1)
-
-        last = step == stop_at
-        if step % tc.log_every == 0 or last:
-            stats = _all_reduce(torch.stack([loss_sum, gnorm_sum]), d) / d.world_size
-            check_finite(step)
-            elapsed = time.perf_counter() - t_log
-            rec = {
-                "step": step,
-                "loss": float(stats[0]) / n_logged,
-                "lr": lr,
-                "grad_norm": float(stats[1]) / n_logged,
-                "images_per_s": n_logged * tc.batch_size / max(elapsed, 1e-9),
-                "time": time.time(),
-            }
-            if d.is_main:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2g}")
-            loss_sum.zero_()
-            gnorm_sum.zero_()
-            n_logged, t_log = 0, time.perf_counter()
-        if step % tc.ckpt_every == 0 or last:
-            check_finite(step)
-            if d.is_main:
-                checkpoint(step)
-            last_good = step
-        if d.is_main and tc.sample_every > 0 and (step % tc.sample_every == 0 or step == tc.n_steps):
-            _save_grid(ema, sde, data, cfg, run_dir / "samples" / f"step-{step:08d}.png", device)
-
-    if pbar is not None:
-        pbar.close()
-    if d.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+            dist.barrier()
+    finally:
+        if lock is not None:
+            lock.close()
     return run_dir
 
 
@@ -627,29 +595,50 @@ def _arg_parser() -> argparse.ArgumentParser:
         "with --section.field VALUE (e.g. --train.lr 1e-4, --model.ch_mult 1,2,2, --train.compile).",
         epilog=f"Presets: {', '.join(PRESETS)}. Multi-GPU: torchrun --nproc_per_node N -m minisgm.train ...",
     )
-    p.add_argument("--preset", default="digits_vp", help="named preset (default: digits_vp)")
+    p.add_argument("--preset", default=None, help="named preset (default: digits_vp)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<preset>-<timestamp>); resumed if it holds a checkpoint")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config (overrides still apply)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--help-config", action="store_true", help="list every config field of the preset and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config field of the preset, with its help, and exit")
     return p
 
 
+def _saved_config(run_dir: Path) -> Optional[Config]:
+    """The config of the run in ``run_dir`` (its config.json), or None if there is none."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); restore it from the checkpoint's config "
+                          "or choose a new --run-dir") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def resolve_config(argv: Sequence[str]) -> Tuple[Config, argparse.Namespace]:
-    """Parse the command line into a config (exit code 2 with a message on any error)."""
+    """Parse the command line into a config (exit code 2 with a one-line message on any error).
+
+    A run folder that holds a checkpoint (``--resume R``, or ``--run-dir R``) continues with
+    its saved config; only the options given change it (and :func:`train` refuses those that
+    would make the checkpoint meaningless).
+    """
     parser = _arg_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.resume is not None:
-            cfg_path = Path(args.resume) / "config.json"
-            if not cfg_path.is_file():
-                parser.error(f"--resume {args.resume}: no config.json there (is it a run folder?)")
-            cfg = config_from_dict(json.loads(cfg_path.read_text()))
-            if args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
-                parser.error("--resume and --run-dir name different folders; give one")
-            args.run_dir = args.resume
-        else:
-            cfg = get_preset(args.preset)
+        if args.resume is not None and _saved_config(Path(args.resume)) is None:
+            raise ConfigError(f"--resume {args.resume}: no config.json there (is it a run folder?)")
+        if args.resume is not None and args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
+            raise ConfigError("--resume and --run-dir name different folders; give one")
+        folder = args.resume or args.run_dir
+        cfg = _saved_config(Path(folder)) if folder else None
+        if cfg is not None and args.preset is not None and args.preset != cfg.preset:
+            raise ConfigError(f"{folder} holds a run of preset {cfg.preset}; --preset {args.preset} cannot change it "
+                              "(choose a new --run-dir for a new run)")
+        if cfg is None:
+            cfg = get_preset(args.preset or "digits_vp")
+        args.run_dir = folder
         if args.help_config:
             print(describe(cfg))
             raise SystemExit(0)
@@ -659,20 +648,40 @@ def resolve_config(argv: Sequence[str]) -> Tuple[Config, argparse.Namespace]:
     return cfg, args
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m minisgm.train``; returns the exit code."""
+    """Entry point of ``python -m minisgm.train``; returns the exit code.
+
+    Exit codes: 0 done (or paused by ``max_steps_per_run``), 2 a bad option, config or run
+    folder, 3 a bad checkpoint or a diverged run, 4 a file-system error (disk full, read-only),
+    128 + signal after SIGINT/SIGTERM (with a checkpoint saved).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, args = resolve_config(argv)
+    note = configure_threads(cfg.train.threads)
+    if note:
+        print(note, file=sys.stderr)
     d = None
     try:
         d = setup_distributed(cfg.train.device)
         run_dir = train(cfg, args.run_dir, resume=True, progress=not args.no_progress, dist_info=d)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, RunFolderBusy) as err:
+        return _fail(str(err), 2)
     except (TrainingDiverged, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _fail(str(err), 3)
+    except TrainingStopped as err:
+        print(str(err), file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        return _fail("interrupted (a second Ctrl-C): the work since the last checkpoint is lost", 130)
+    except torch.cuda.OutOfMemoryError:
+        return _fail("the GPU ran out of memory: lower --train.batch_size or raise --train.grad_accum", 3)
+    except OSError as err:
+        return _fail(f"file-system error: {err.strerror or err}{f' ({err.filename})' if err.filename else ''}", 4)
     finally:
         if d is not None and d.enabled:
             import torch.distributed as dist

@@ -10,8 +10,9 @@ import torch
 
 from conftest import run_module
 from minisgm import samplers
+from minisgm.build import SAMPLERS, generate, load_run
 from minisgm.evaluate import main as evaluate_main
-from minisgm.sample import SAMPLERS, generate, grid_image, load_run
+from minisgm.images import grid_image
 from minisgm.sample import main as sample_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +34,7 @@ def test_sample_cli_writes_npz_and_png(tiny_digits_run, tmp_path):
 def test_cli_names_map_to_the_package_samplers(tiny_digits_run, name, fn):
     # The CLI's table only forwards: same seed, same numbers as calling the function directly.
     model, cfg, sde, _ = load_run(tiny_digits_run)
-    x = generate(model, sde, name, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0))
+    x, _ = generate(model, cfg, sde, 3, sampler=name, n_steps=4, generator=torch.Generator().manual_seed(0))
     score = lambda x, t: model(x, t)  # noqa: E731
     ref, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, ref)
@@ -61,6 +62,56 @@ def test_sample_cli_errors(tiny_digits_run, tmp_path, capsys):
     bad.write_bytes((tiny_digits_run / "checkpoint.pt").read_bytes()[:1000])
     assert sample_main(["--ckpt", str(bad)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+    assert sample_main(["--ckpt", str(tiny_digits_run), "--device", "tpu"]) == 2
+    assert "--device 'tpu'" in capsys.readouterr().err
+
+
+def _rewritten(run, tmp_path, name, edit):
+    """A copy of the run's checkpoint with ``edit(state)`` applied (and a valid digest)."""
+    from minisgm.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(run)
+    edit(state)
+    return save_checkpoint(state, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda s: s.pop("ema"), "holds no 'ema' weights"),
+        (lambda s: s.update(ema={k: v.to(torch.int64) for k, v in s["ema"].items()}), "with another dtype"),
+        (lambda s: s.update(ema={k: v.half() for k, v in s["ema"].items()}), "with another dtype"),
+        (lambda s: s.update(ema=[1, 2]), "not a state dict of tensors"),
+        (lambda s: s["config"]["train"].update(lr="fast"), "invalid"),
+    ],
+)
+def test_sample_and_evaluate_refuse_bad_checkpoints(tiny_digits_run, tmp_path, capsys, edit, needle):
+    bad = _rewritten(tiny_digits_run, tmp_path, "bad.pt", edit)
+    assert sample_main(["--ckpt", str(bad), "--n", "2", "--steps", "2", "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err
+    assert evaluate_main(["--ckpt", str(bad), "--metric", "digits_fd", "--n", "2", "--steps", "2"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_nan_weights_are_reported_not_sampled(tiny_digits_run, tmp_path, capsys):
+    bad = _rewritten(tiny_digits_run, tmp_path, "nan.pt",
+                     lambda s: s.update(ema={k: v.fill_(float("nan")) if v.is_floating_point() else v
+                                             for k, v in s["ema"].items()}))
+    for sampler in ("em", "ode"):
+        out = tmp_path / f"{sampler}.npz"
+        assert sample_main(["--ckpt", str(bad), "--n", "2", "--steps", "3", "--sampler", sampler, "--out", str(out),
+                            "--no-progress"]) == 3
+        assert "NaN or infinite" in capsys.readouterr().err and not out.exists()
+
+
+def test_sample_out_paths_are_the_ones_printed(tiny_digits_run, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, npz in [(str(folder), folder / "samples.npz"), (str(tmp_path / "name"), tmp_path / "name.npz")]:
+        assert sample_main(["--ckpt", str(tiny_digits_run), "--n", "2", "--steps", "2", "--out", out, "--no-progress"]) == 0
+        printed = capsys.readouterr().out
+        assert npz.is_file() and npz.with_suffix(".png").is_file()
+        assert f"-> {npz}, {npz.with_suffix('.png')}" in printed
 
 
 def test_grid_image_tiles_in_order():
@@ -75,7 +126,9 @@ def test_grid_image_tiles_in_order():
 
 def test_evaluate_digits_fd_and_bpd(tiny_digits_run, capsys):
     assert evaluate_main(["--ckpt", str(tiny_digits_run), "--metric", "digits_fd", "--n", "40", "--steps", "5"]) == 0
-    fd = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("digits Frechet distance ") and "real digits" in out[-2]  # the readable line
+    fd = json.loads(out[-1])
     # After 4 steps the samples are noise: far above the real-data floor.
     assert fd["metric"] == "digits_fd" and fd["value"] > 5 * fd["real_data_floor"] > 0 and fd["n"] == 40
     assert evaluate_main(["--ckpt", str(tiny_digits_run), "--metric", "bpd", "--n", "3", "--hutchinson", "rademacher",

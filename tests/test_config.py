@@ -21,7 +21,8 @@ from minisgm.config import (
     get_preset,
     parse_overrides,
 )
-from minisgm.train import build_model, build_sde, example_shape, n_classes_of, resolve_config
+from minisgm.build import build_model, build_sde, dataset_info
+from minisgm.train import resolve_config
 
 
 def test_every_field_has_a_comment():
@@ -78,8 +79,12 @@ def test_bad_overrides_name_the_problem(args, needle):
 
 @pytest.mark.parametrize(
     "override, needle",
-    [({"sde.kind": "vee"}, "'ve'"), ({"train.lr": -1.0}, "positive"), ({"train.ema_rate": 1.0}, "[0, 1)"),
-     ({"sample.sampler": "euler"}, "em, pc, ode, heun"), ({"train.batch_size": 0}, ">= 1")],
+    [({"sde.kind": "vee"}, "'ve'"), ({"train.lr": -1.0}, "> 0"), ({"train.ema_rate": 1.0}, "[0, 1)"),
+     ({"sample.sampler": "euler"}, "em, pc, ode, heun"), ({"train.batch_size": 0}, ">= 1"),
+     ({"train.beta1": 2.0}, "[0, 1)"), ({"model.nf": 0}, ">= 1"), ({"sde.eps": 2.0}, "(0, 1)"),
+     ({"train.seed": 10**30}, "[0, 9223372036854775807]"), ({"train.grad_clip": float("nan")}, "finite"),
+     ({"model.ch_mult": (1, 0)}, ">= 1"), ({"data.channels": 2}, "0, 1, 3"),
+     ({"data.dataset": "rocks"}, "folder, npz")],
 )
 def test_bad_values_are_rejected(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -154,8 +159,8 @@ def test_cifar10_presets_follow_the_paper():
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("cifar10")])
 def test_small_presets_build_a_score_model(name):
     cfg = get_preset(name)
-    shape = example_shape(cfg.data)
-    model = build_model(cfg, shape, n_classes_of(cfg.data))
+    shape = dataset_info(cfg.data).shape
+    model = build_model(cfg)
     x = torch.randn(3, *shape)
     t = torch.tensor([0.1, 0.5, 0.9])
     y = torch.tensor([0, 3, 9]) if cfg.data.class_conditional else None
@@ -168,7 +173,7 @@ def test_small_presets_build_a_score_model(name):
 def test_cifar10_presets_build_on_the_meta_device(name):
     cfg = get_preset(name)
     with torch.device("meta"):
-        model = build_model(cfg, example_shape(cfg.data), n_classes_of(cfg.data))
+        model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
     # NCSN++ cont. ~62M (deep ~108M), DDPM++ cont. ~62M (deep ~108M) in the paper; small ~4M.
     lo, hi = (2e6, 10e6) if name == "cifar10_small" else ((100e6, 115e6) if "deep" in name else (55e6, 70e6))

@@ -18,8 +18,8 @@ from conftest import run_module
 from minisgm.checkpoint import CheckpointError, save_checkpoint
 from minisgm.config import ConfigError, apply_overrides, get_preset, parse_overrides
 from minisgm.convert import convert_state_dict, import_checkpoint, main as convert_main, reference_order
-from minisgm.sample import load_run
-from minisgm.train import build_model, example_shape
+from minisgm.build import load_run
+from minisgm.build import build_model
 
 DATA = Path(__file__).parent / "data"
 CASES = ["ve_ncsnpp", "vp_ddpmpp", "subvp_ddpmpp", "ve_ncsnpp_skip"]
@@ -48,7 +48,7 @@ def model_from(state, which):
     from minisgm.config import config_from_dict
 
     cfg = config_from_dict(state["config"])
-    model = build_model(cfg, example_shape(cfg.data)).eval()
+    model = build_model(cfg).eval()
     model.load_state_dict(state[which])
     return model
 
@@ -91,21 +91,21 @@ def test_convert_state_dict_rejects_another_architecture():
     ref = torch.load(DATA / "score_sde_ve_ncsnpp.pth", weights_only=True)["model"]
     cfg.model.num_res_blocks = 2
     with pytest.raises(ValueError, match="not the same architecture"):
-        convert_state_dict(ref, build_model(cfg, example_shape(cfg.data)))
+        convert_state_dict(ref, build_model(cfg))
     cfg.model.num_res_blocks, cfg.model.nf = 1, 16
     with pytest.raises(ValueError, match="checkpoint shape"):
-        convert_state_dict(ref, build_model(cfg, example_shape(cfg.data)))
+        convert_state_dict(ref, build_model(cfg))
     with pytest.raises(ValueError, match="not a score_sde_pytorch"):
-        convert_state_dict({"weight": torch.zeros(1)}, build_model(cfg, example_shape(cfg.data)))
+        convert_state_dict({"weight": torch.zeros(1)}, build_model(cfg))
     ref.pop("module.all_modules.4.Conv_0.weight")  # the first residual block
     cfg.model.nf = 8
     with pytest.raises(ValueError, match="module 4"):
-        convert_state_dict(ref, build_model(cfg, example_shape(cfg.data)))
+        convert_state_dict(ref, build_model(cfg))
 
 
 def test_reference_order_covers_every_tensor_once():
     cfg, _ = config_for("ve_ncsnpp")
-    model = build_model(cfg, example_shape(cfg.data))
+    model = build_model(cfg)
     names = [n for n, _ in reference_order(model)]
     assert len(names) == len(set(names))
     covered = {k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)}

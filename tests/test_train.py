@@ -17,7 +17,9 @@ from torch import nn
 from conftest import TINY_DIGITS, run_module
 from minisgm.checkpoint import load_checkpoint
 from minisgm.config import config_from_dict, config_to_dict, get_preset
-from minisgm.train import Data, _mix, build_data, ema_update, lr_at, main, train
+from minisgm.build import TrainingData as Data
+from minisgm.build import _mix, build_data
+from minisgm.train import ema_update, lr_at, main, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,7 +109,9 @@ def test_default_entry_point_writes_the_run_folder(tiny_digits_run):
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and config_from_dict(state["config"]) == config_from_dict(cfg)
     assert set(state) >= {"model", "ema", "optimizer", "rng", "config", "step"}
-    assert set(state["rng"]) >= {"torch", "cuda", "numpy", "python", "generators"}
+    assert set(state["rng"]) == {"torch", "cuda"}  # dropout's generator; everything else is re-seeded
+    history = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "finished"] and history[-1]["step"] == 4
     # The EMA moved away from the initial weights but lags the raw weights.
     assert not _same_tensors(state["model"], state["ema"])
 
@@ -187,17 +191,154 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_digits_run, tmp_path,
     after = load_checkpoint(run)
     assert after["step"] == before["step"] == 4
     assert _same_tensors(after["model"], before["model"])
+    # config.json still describes the checkpoint: a plain --resume does not inherit lr = 1e30.
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 2e-3
+    assert main(["--resume", str(run), "--train.n_steps", "6", "--no-progress"]) == 0
+    events = [json.loads(l)["event"] for l in (run / "history.jsonl").read_text().splitlines()]
+    assert events[-4:] == ["resume", "diverged", "resume", "finished"]
 
 
 def test_corrupt_or_mismatched_checkpoint_stops_with_a_message(tiny_digits_run, tmp_path, capsys):
+    from minisgm.checkpoint import save_checkpoint
+
     run = tmp_path / "run"
     shutil.copytree(tiny_digits_run, run)
-    assert main(["--resume", str(run), "--model.nf", "16", "--train.n_steps", "6", "--no-progress"]) == 3
+    # Weights of another architecture under this run's config: refused when loaded.
+    state = load_checkpoint(run)
+    state["config"]["model"]["nf"] = 16
+    save_checkpoint(state, tmp_path / "other" / "checkpoint.pt")
+    (tmp_path / "other" / "config.json").write_text(json.dumps(state["config"]))
+    assert main(["--resume", str(tmp_path / "other"), "--train.n_steps", "6", "--no-progress"]) == 3
     assert "do not fit this model" in capsys.readouterr().err
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 3])
     assert main(["--resume", str(run), "--train.n_steps", "6", "--no-progress"]) == 3
-    assert "truncated or corrupt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "checkpoint.prev.pt" in err  # the previous one is named
+
+
+def test_flipped_bytes_are_caught_by_the_digest(tiny_digits_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_digits_run, run)
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    weights = max(load_checkpoint(run)["model"].values(), key=lambda t: t.numel())
+    at = bytes(data).find(weights.numpy().tobytes()[:32])  # inside a tensor's stored bytes
+    assert at > 0
+    data[at : at + 64] = bytes(b ^ 0x5A for b in data[at : at + 64])
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    assert main(["--resume", str(run), "--train.n_steps", "6", "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "SHA-256 digest" in err and "checkpoint.prev.pt" in err
+    prev = load_checkpoint(run / "checkpoint.prev.pt")  # the previous checkpoint is intact
+    assert prev["step"] == 2
+
+
+def test_resume_refuses_changes_that_make_the_checkpoint_meaningless(tiny_digits_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_digits_run, run)
+    for args, needle in [(["--sde.kind", "ve"], "sde.kind: 'vp' -> 've'"), (["--model.nf", "16"], "model.nf: 8 -> 16"),
+                         (["--data.centered", "false"], "data.centered"), (["--train.seed", "3"], "train.seed")]:
+        assert main(["--run-dir", str(run), *args, "--no-progress"]) == 2
+        assert needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(run), "--preset", "digits_ve"])
+    assert e.value.code == 2 and "cannot change it" in capsys.readouterr().err
+    assert load_checkpoint(run)["step"] == 4  # nothing was trained
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "minisgm.train", *_kill_args(run)[2:], "--run-dir", str(run),
+                              "--train.n_steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (run / "history.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = run_module("minisgm.train", *_kill_args(run), "--train.seed", "8", timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "in use by pid" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # The crashed (killed) first run leaves no stuck lock: the folder can be used again.
+    again = run_module("minisgm.train", *_kill_args(run), "--train.n_steps", "5", timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_the_run_resumes_bit_exactly(tmp_path, sig):
+    """SIGTERM/SIGINT: a checkpoint at the next step boundary (ckpt_every is far away), then exit."""
+    args = ["--train.ckpt_every", "1000"]
+    ref = run_module("minisgm.train", *_kill_args(tmp_path / "ref"), *args)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "minisgm.train", *_kill_args(run), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists():  # the first log line (step 10)
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"stopped by {signal.Signals(sig).name}" in err and "--resume" in err and "Traceback" not in err
+    at_stop = load_checkpoint(run)["step"]
+    assert 10 <= at_stop < 40
+    history = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1] == {**history[-1], "event": "stopped", "signal": signal.Signals(sig).name, "step": at_stop}
+    res = run_module("minisgm.train", "--resume", str(run), "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(run)
+    assert a["step"] == b["step"] == 40
+    for key in ("model", "ema"):
+        assert _same_tensors(a[key], b[key]), key
+
+
+def test_stale_temporary_files_are_removed(tiny_digits_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_digits_run, run)
+    (run / ".checkpoint.pt.tmp-999999").write_bytes(b"half a checkpoint")
+    assert main(["--resume", str(run), "--train.n_steps", "5", "--no-progress"]) == 0
+    assert not (run / ".checkpoint.pt.tmp-999999").exists()
+    assert "left by a process killed while writing" in capsys.readouterr().out
+
+
+def test_bad_runs_end_in_one_clear_line(tiny_digits_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import minisgm.checkpoint as ckpt_mod
+
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--run-dir", str(tmp_path / "a_file")], 2, "is a file"),
+        (["--preset", "cifar10_small", "--run-dir", str(tmp_path / "c")], 2, "cannot load data.dataset=cifar10"),
+        (["--data.dataset", "folder", "--data.path", str(tmp_path / "none"), "--run-dir", str(tmp_path / "f")], 2,
+         "image folder not found"),
+    ]
+    for args, code, needle in cases:
+        assert main([*args, "--no-progress"]) == code, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_digits_run, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(broken)])
+    assert e.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+    for no, needle in [(errno.ENOSPC, "no space left"), (errno.EROFS, "Read-only file system")]:
+        def failing_save(*a, _no=no, **k):
+            raise OSError(_no, os.strerror(_no)) if _no != errno.ENOSPC else OSError(_no, "no space left on the disk")
+        monkeypatch.setattr(ckpt_mod, "save_checkpoint", failing_save)
+        monkeypatch.setattr("minisgm.train.save_checkpoint", failing_save)
+        run = tmp_path / f"fs{no}"
+        shutil.copytree(tiny_digits_run, run)
+        assert main(["--resume", str(run), "--train.n_steps", "6", "--no-progress"]) == 4
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+        monkeypatch.undo()
 
 
 def test_cifar10_small_preset_runs_on_a_small_archive(cifar10_archive, tmp_path):

@@ -13,15 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
 from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std, condition_embedding
 
 __all__ = ["MLP", "ScoreMLP"]
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_input(x: Tensor, dim: int) -> None:
@@ -40,10 +35,10 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, out_dim: Optional[int] = None):
         super().__init__()
-        self.dim = _check_int("dim", dim)
-        _check_int("hidden", hidden)
-        _check_int("n_layers", n_layers)
-        self.out_dim = dim if out_dim is None else _check_int("out_dim", out_dim)
+        self.dim = check_int("dim", dim)
+        check_int("hidden", hidden)
+        check_int("n_layers", n_layers)
+        self.out_dim = dim if out_dim is None else check_int("out_dim", out_dim)
         layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.SiLU()]
         for _ in range(n_layers - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
@@ -87,9 +82,9 @@ class ScoreMLP(nn.Module):
         num_classes: Optional[int] = None,
     ):
         super().__init__()
-        self.dim = _check_int("dim", dim)
-        _check_int("hidden", hidden)
-        _check_int("n_layers", n_layers)
+        self.dim = check_int("dim", dim)
+        check_int("hidden", hidden)
+        check_int("n_layers", n_layers)
         if marginal_std is not None and not callable(marginal_std):
             raise TypeError("marginal_std must be a callable t -> std [B] (or None)")
         self.marginal_std = marginal_std

@@ -642,8 +642,8 @@ class NCSNpp(nn.Module):
         self.config = config
         self.marginal_std = marginal_std
         c = config
-        nf, ks = c.nf, c.conv_size
-        temb_dim = 4 * nf
+        nf = c.nf
+        self.temb_dim = 4 * nf
 
         # Noise-level embedding, then a 2-layer MLP (shared by all blocks).
         if c.embedding_type == "fourier":
@@ -653,104 +653,99 @@ class NCSNpp(nn.Module):
         else:
             self.fourier = None
             embed_dim = nf
-        self.temb_mlp = nn.Sequential(_linear(embed_dim, temb_dim), nn.SiLU(),
-                                      _linear(temb_dim, temb_dim))
-        self.class_embed = nn.Embedding(c.num_classes, temb_dim) if c.num_classes else None
+        self.temb_mlp = nn.Sequential(_linear(embed_dim, self.temb_dim), nn.SiLU(),
+                                      _linear(self.temb_dim, self.temb_dim))
+        self.class_embed = nn.Embedding(c.num_classes, self.temb_dim) if c.num_classes else None
+        skip_channels = self._build_down()
+        in_ch = skip_channels[-1]
+        self.mid_block1 = self._resblock(in_ch)
+        self.mid_attn = self._attention(in_ch)
+        self.mid_block2 = self._resblock(in_ch)
+        in_ch = self._build_up(skip_channels, in_ch)
+        if c.progressive == "output_skip":
+            self.pyramid_up = Resample("up", c.num_channels, fir=c.fir, fir_kernel=c.fir_kernel)
+            self.norm_out, self.conv_out = None, None
+        else:
+            self.norm_out = _group_norm(in_ch)
+            self.conv_out = _conv(in_ch, c.num_channels, c.conv_size, init_scale=c.init_scale)
 
-        def resblock(in_ch: int, out_ch: Optional[int] = None, up: bool = False,
-                     down: bool = False) -> nn.Module:
-            if c.resblock_type == "ddpm":
-                return ResnetBlockDDPM(in_ch, out_ch, temb_dim, c.dropout, c.skip_rescale,
-                                       c.init_scale, ks)
-            return ResnetBlockBigGAN(in_ch, out_ch, temb_dim, c.dropout, c.skip_rescale,
-                                     c.init_scale, up=up, down=down, fir=c.fir,
-                                     fir_kernel=c.fir_kernel, conv_size=ks)
+    def _resblock(self, in_ch: int, out_ch: Optional[int] = None, up: bool = False, down: bool = False) -> nn.Module:
+        c = self.config
+        if c.resblock_type == "ddpm":
+            return ResnetBlockDDPM(in_ch, out_ch, self.temb_dim, c.dropout, c.skip_rescale, c.init_scale, c.conv_size)
+        return ResnetBlockBigGAN(in_ch, out_ch, self.temb_dim, c.dropout, c.skip_rescale, c.init_scale, up=up,
+                                 down=down, fir=c.fir, fir_kernel=c.fir_kernel, conv_size=c.conv_size)
 
-        def attention(ch: int) -> nn.Module:
-            return AttentionBlock(ch, c.skip_rescale, c.init_scale)
+    def _attention(self, ch: int) -> nn.Module:
+        return AttentionBlock(ch, self.config.skip_rescale, self.config.init_scale)
 
-        resolutions = c.resolutions
-        n_levels = len(c.ch_mult)
-        C_img = c.num_channels
+    def _resample(self, mode: str, in_ch: int, out_ch: Optional[int] = None) -> nn.Module:
+        """Resampling of the "ddpm" blocks, or of a pyramid (``out_ch`` given: with a conv)."""
+        c = self.config
+        with_conv = c.resamp_with_conv if out_ch is None else True
+        return Resample(mode, in_ch, out_ch, with_conv=with_conv, fir=c.fir, fir_kernel=c.fir_kernel,
+                        conv_size=c.conv_size)
 
-        # ---- down path ---------------------------------------------------------------------
-        self.conv_in = _conv(C_img, nf, ks)
-        skip_channels = [nf]  # channels of every tensor pushed on the skip stack
-        in_ch = nf
-        pyramid_ch = C_img
+    def _build_down(self) -> list:
+        """The down path; returns the channels of every tensor it pushes on the skip stack."""
+        c, nf = self.config, self.config.nf
+        self.conv_in = _conv(c.num_channels, nf, c.conv_size)
+        skip_channels = [nf]
+        in_ch, pyramid_ch, n_levels = nf, c.num_channels, len(c.ch_mult)
         self.down = nn.ModuleList()
         for i in range(n_levels):
             level = _Level()
             for _ in range(c.num_res_blocks):
                 out_ch = nf * c.ch_mult[i]
-                level.blocks.append(resblock(in_ch, out_ch))
+                level.blocks.append(self._resblock(in_ch, out_ch))
                 in_ch = out_ch
-                if resolutions[i] in c.attn_resolutions:
-                    level.attn.append(attention(in_ch))
+                if c.resolutions[i] in c.attn_resolutions:
+                    level.attn.append(self._attention(in_ch))
                 skip_channels.append(in_ch)
             if i != n_levels - 1:
-                if c.resblock_type == "ddpm":
-                    level.resample = Resample("down", in_ch, with_conv=c.resamp_with_conv,
-                                              fir=c.fir, fir_kernel=c.fir_kernel, conv_size=ks)
-                else:
-                    level.resample = resblock(in_ch, down=True)
+                level.resample = self._resample("down", in_ch) if c.resblock_type == "ddpm" else self._resblock(in_ch, down=True)
                 if c.progressive_input == "input_skip":
                     level.pyramid = _Combine(pyramid_ch, in_ch, c.progressive_combine)
                     if c.progressive_combine == "cat":
                         in_ch *= 2
                 elif c.progressive_input == "residual":
-                    level.pyramid = Resample("down", pyramid_ch, in_ch, with_conv=True, fir=c.fir,
-                                             fir_kernel=c.fir_kernel, conv_size=ks)
+                    level.pyramid = self._resample("down", pyramid_ch, in_ch)
                     pyramid_ch = in_ch
                 skip_channels.append(in_ch)
             self.down.append(level)
         if c.progressive_input == "input_skip":
-            self.pyramid_down = Resample("down", C_img, fir=c.fir, fir_kernel=c.fir_kernel)
+            self.pyramid_down = Resample("down", c.num_channels, fir=c.fir, fir_kernel=c.fir_kernel)
+        return skip_channels
 
-        # ---- middle --------------------------------------------------------------------------
-        in_ch = skip_channels[-1]
-        self.mid_block1 = resblock(in_ch)
-        self.mid_attn = attention(in_ch)
-        self.mid_block2 = resblock(in_ch)
-
-        # ---- up path (lowest resolution first) ------------------------------------------------
+    def _build_up(self, skip_channels: list, in_ch: int) -> int:
+        """The up path (lowest resolution first), consuming the skip stack; returns its channels."""
+        c, nf = self.config, self.config.nf
+        n_levels = len(c.ch_mult)
         self.up = nn.ModuleList()
         pyramid_ch = 0
         for i in reversed(range(n_levels)):
             level = _Level()
             for _ in range(c.num_res_blocks + 1):
                 out_ch = nf * c.ch_mult[i]
-                level.blocks.append(resblock(in_ch + skip_channels.pop(), out_ch))
+                level.blocks.append(self._resblock(in_ch + skip_channels.pop(), out_ch))
                 in_ch = out_ch
-            if resolutions[i] in c.attn_resolutions:
-                level.attn.append(attention(in_ch))
-            if c.progressive != "none":
-                if c.progressive == "output_skip":
-                    level.pyramid_norm = _group_norm(in_ch)
-                    level.pyramid_conv = _conv(in_ch, C_img, ks, init_scale=c.init_scale)
-                    pyramid_ch = C_img
-                elif i == n_levels - 1:  # "residual", first (coarsest) level
-                    level.pyramid_norm = _group_norm(in_ch)
-                    level.pyramid_conv = _conv(in_ch, in_ch, ks)
-                    pyramid_ch = in_ch
-                else:  # "residual"
-                    level.pyramid = Resample("up", pyramid_ch, in_ch, with_conv=True, fir=c.fir,
-                                             fir_kernel=c.fir_kernel, conv_size=ks)
-                    pyramid_ch = in_ch
+            if c.resolutions[i] in c.attn_resolutions:
+                level.attn.append(self._attention(in_ch))
+            if c.progressive == "output_skip":
+                level.pyramid_norm = _group_norm(in_ch)
+                level.pyramid_conv = _conv(in_ch, c.num_channels, c.conv_size, init_scale=c.init_scale)
+            elif c.progressive == "residual" and i == n_levels - 1:  # the first (coarsest) level
+                level.pyramid_norm = _group_norm(in_ch)
+                level.pyramid_conv = _conv(in_ch, in_ch, c.conv_size)
+                pyramid_ch = in_ch
+            elif c.progressive == "residual":
+                level.pyramid = self._resample("up", pyramid_ch, in_ch)
+                pyramid_ch = in_ch
             if i != 0:
-                if c.resblock_type == "ddpm":
-                    level.resample = Resample("up", in_ch, with_conv=c.resamp_with_conv,
-                                              fir=c.fir, fir_kernel=c.fir_kernel, conv_size=ks)
-                else:
-                    level.resample = resblock(in_ch, up=True)
+                level.resample = self._resample("up", in_ch) if c.resblock_type == "ddpm" else self._resblock(in_ch, up=True)
             self.up.append(level)
         assert not skip_channels
-        if c.progressive == "output_skip":
-            self.pyramid_up = Resample("up", C_img, fir=c.fir, fir_kernel=c.fir_kernel)
-            self.norm_out, self.conv_out = None, None
-        else:
-            self.norm_out = _group_norm(in_ch)
-            self.conv_out = _conv(in_ch, C_img, ks, init_scale=c.init_scale)
+        return in_ch
 
     # ------------------------------------------------------------------------------------------
 
