@@ -42,6 +42,7 @@ __all__ = [
     "score_fn_of",
     "Run",
     "load_run",
+    "open_run",
     "SAMPLERS",
     "generate",
     "configure_threads",
@@ -357,6 +358,19 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", use_ema: bool
     load_state_dict_checked(model, state[key], "EMA" if use_ema else "model")
     model.to(device).eval().requires_grad_(False)
     return Run(model, cfg, sde, int(state["step"]))
+
+
+def open_run(args) -> Tuple[Run, torch.device]:
+    """For the command lines: set the CPU threads (``args.threads``; a note is printed when the
+    machine is busy) and load the run of ``args.ckpt`` on ``args.device`` (EMA weights unless
+    ``args.no_ema``). Raises ``ValueError``/:class:`CheckpointError` with a one-line message."""
+    import sys
+
+    note = configure_threads(args.threads)
+    if note:
+        print(note, file=sys.stderr)
+    device = resolve_device(args.device)
+    return load_run(args.ckpt, device, use_ema=not args.no_ema), device
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,14 +30,12 @@ import torch
 
 from .build import (
     SAMPLERS,
-    configure_threads,
     data_path,
     dataset_info,
     generate,
     load_images,
-    load_run,
     n_classes_of,
-    resolve_device,
+    open_run,
     score_fn_of,
     to_unit_range,
 )
@@ -186,12 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--n, --batch-size and --threads must be >= 0, --steps >= 1")
     if not (args.rtol > 0 and args.atol > 0):
         p.error("--rtol and --atol must be positive")
-    note = configure_threads(args.threads)
-    if note:
-        print(note, file=sys.stderr)
     try:
-        device = resolve_device(args.device)
-        model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
+        (model, cfg, sde, step), device = open_run(args)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

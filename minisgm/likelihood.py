@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_choice, check_int, check_number, check_positive, check_tensor
-from .samplers import CountedScore, NonFiniteSampleError, _eps, _finished, _ode_options
+from .samplers import CountedScore, _eps, _finished, _ode_options, solve_ode
 from .sde import SDE, ScoreFn
 
 __all__ = ["log_likelihood", "divergence_exact", "divergence_hutchinson", "dequantize", "bits_per_dim", "bpd_from_logp"]
@@ -104,8 +104,6 @@ def log_likelihood(
         velocity evaluations (each one ``score_fn`` forward plus the divergence's backward
         passes). Book: :ref:`sec-likelihood`.
     """
-    from torchdiffeq import odeint
-
     check_tensor("x", x, nonempty=True)
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor (dequantize integers first), got {x.dtype}")
@@ -127,15 +125,9 @@ def log_likelihood(
             div = divergence_exact(v, xt) if probes is None else divergence_hutchinson(v, xt, probes)
         return v.detach(), div.detach()
 
-    ts = torch.tensor([eps, sde.T], dtype=x.dtype, device=x.device)
     state0 = (x.detach(), torch.zeros(B, dtype=x.dtype, device=x.device))
-    # Force the last step onto T so that no evaluation falls outside [eps, T].
-    try:
-        xs, deltas = odeint(func, state0, ts, rtol=rtol, atol=atol, method=method, options={"step_t": ts[1:]})
-    except AssertionError as err:  # torchdiffeq reports step-size failures with assert
-        raise NonFiniteSampleError(f"log_likelihood: the ODE solver failed ({err}); the score model most "
-                                   "likely returned NaN or infinite values (check the checkpoint's weights)") from None
-    logp = sde.prior_logp(xs[-1]) + deltas[-1]
+    x_T, delta_T = solve_ode(func, state0, eps, sde.T, rtol=rtol, atol=atol, method=method, what="log_likelihood")
+    logp = sde.prior_logp(x_T) + delta_T
     return _finished(logp[:, None], score.nfe, "log_likelihood")[0][:, 0], score.nfe
 
 

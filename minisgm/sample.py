@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .build import SAMPLERS, configure_threads, dataset_info, generate, load_run, n_classes_of, resolve_device, to_unit_range
+from .build import SAMPLERS, dataset_info, generate, n_classes_of, open_run, to_unit_range
 from .checkpoint import CheckpointError
 from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
@@ -68,12 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 0 or args.threads < 0 or (args.snr is not None and not args.snr > 0):
         p.error("--batch-size and --threads must be >= 0, --snr > 0")
-    note = configure_threads(args.threads)
-    if note:
-        print(note, file=sys.stderr)
     try:
-        device = resolve_device(args.device)
-        model, cfg, sde, step = load_run(args.ckpt, device, use_ema=not args.no_ema)
+        (model, cfg, sde, step), device = open_run(args)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -64,6 +64,7 @@ __all__ = [
     "heun_sample",
     "ode_sample",
     "ode_encode",
+    "solve_ode",
     "ODE_METHODS",
 ]
 
@@ -462,11 +463,35 @@ def heun_sample(
 
 
 # ----- probability-flow ODE: adaptive steps (torchdiffeq) -----------------------------------
-def _odeint(score: CountedScore, sde: SDE, x: Tensor, t0: float, t1: float, *, rtol: float, atol: float,
-            method: str, max_steps: Optional[int], callback: Optional[Callback], what: str) -> Tensor:
-    """Integrate the probability-flow ODE from ``t0`` to ``t1`` with a torchdiffeq solver."""
-    from torchdiffeq import odeint  # the one module that needs torchdiffeq
+def solve_ode(func, state0, t0: float, t1: float, *, rtol: float, atol: float, method: str,
+              max_steps: Optional[int] = None, what: str = "the ODE solver"):
+    """``state(t1)`` of ``d state/dt = func(t, state)`` from ``state(t0) = state0`` (a tensor or a tuple),
+    with a torchdiffeq adaptive solver; its step-size failures become clear errors.
 
+    torchdiffeq steps past the end and interpolates back; forcing a step onto ``t1`` keeps every
+    evaluation inside ``[t0, t1]``, where the score (and for VE the marginal) is defined.
+    """
+    from torchdiffeq import odeint  # the one place that needs torchdiffeq
+
+    ref = state0[0] if isinstance(state0, tuple) else state0
+    ts = torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device)
+    options = {"step_t": ts[1:]}
+    if max_steps is not None:
+        options["max_num_steps"] = max_steps
+    try:
+        out = odeint(func, state0, ts, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as err:  # torchdiffeq reports step-size failures with assert
+        if "max_num_steps" in str(err):
+            raise RuntimeError(f"{what}: the solver needed more than n_steps={max_steps} steps at "
+                               f"rtol={rtol:g}, atol={atol:g}; raise n_steps or the tolerances") from None
+        raise NonFiniteSampleError(f"{what}: the ODE solver failed ({err}); the score model most likely "
+                                   "returned NaN or infinite values (check the checkpoint's weights)") from None
+    return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
+
+
+def _pf_ode(score: CountedScore, sde: SDE, x: Tensor, t0: float, t1: float, *, rtol: float, atol: float,
+            method: str, max_steps: Optional[int], callback: Optional[Callback], what: str) -> Tensor:
+    """Integrate the probability-flow ODE from ``t0`` to ``t1``."""
     lo, hi = min(t0, t1), max(t0, t1)
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
@@ -478,20 +503,7 @@ def _odeint(score: CountedScore, sde: SDE, x: Tensor, t0: float, t1: float, *, r
             callback(score.nfe - 1, float(t), x)  # adaptive solvers sync anyway (step control)
         return v
 
-    ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    # torchdiffeq steps past the end and interpolates back; forcing a step onto t1 keeps every
-    # evaluation inside [eps, T], where the score (and for VE the marginal) is defined.
-    options = {"step_t": ts[1:]}
-    if max_steps is not None:
-        options["max_num_steps"] = max_steps
-    try:
-        return odeint(velocity, x, ts, rtol=rtol, atol=atol, method=method, options=options)[-1]
-    except AssertionError as err:  # torchdiffeq reports step-size failures with assert
-        if "max_num_steps" in str(err):
-            raise RuntimeError(f"{what}: the solver needed more than n_steps={max_steps} steps at "
-                               f"rtol={rtol:g}, atol={atol:g}; raise n_steps or the tolerances") from None
-        raise NonFiniteSampleError(f"{what}: the ODE solver failed ({err}); the score model most likely "
-                                   "returned NaN or infinite values (check the checkpoint's weights)") from None
+    return solve_ode(velocity, x, t0, t1, rtol=rtol, atol=atol, method=method, max_steps=max_steps, what=what)
 
 
 def _ode_options(rtol: float, atol: float, method: str, n_steps: Optional[int]) -> Optional[int]:
@@ -532,7 +544,7 @@ def ode_sample(
     eps = _eps(sde, eps)
     score = CountedScore(score_fn)
     x = _initial_state(sde, shape, x_init, generator, device, dtype)
-    x = _odeint(score, sde, x, sde.T, eps, rtol=rtol, atol=atol, method=method, max_steps=max_steps,
+    x = _pf_ode(score, sde, x, sde.T, eps, rtol=rtol, atol=atol, method=method, max_steps=max_steps,
                 callback=callback, what="ode_sample")
     return _finished(x, score.nfe, "ode_sample")
 
@@ -559,6 +571,6 @@ def ode_encode(
     max_steps = _ode_options(rtol, atol, method, n_steps)
     eps = _eps(sde, eps)
     score = CountedScore(score_fn)
-    z = _odeint(score, sde, x.detach(), eps, sde.T, rtol=rtol, atol=atol, method=method, max_steps=max_steps,
+    z = _pf_ode(score, sde, x.detach(), eps, sde.T, rtol=rtol, atol=atol, method=method, max_steps=max_steps,
                 callback=None, what="ode_encode")
     return _finished(z, score.nfe, "ode_encode")

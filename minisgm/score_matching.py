@@ -190,7 +190,7 @@ def dsm_loss(
     """Denoising score matching ``1/2 E || s(x + sigma z) + z / sigma ||^2``, ``z ~ N(0, I)``.
 
     Vincent (2011), the DSM objective: the target ``grad log q(x~|x) = -(x~ - x)/sigma^2 = -z/sigma``.
-    Minimised by the score of the noised law ``p_sigma = p * N(0, sigma^2 I)``, not of ``p``.
+    Minimised by the score of the noised law ``q_sigma = p * N(0, sigma^2 I)`` (the book's notation), not of ``p``.
     ``sigma`` a positive scalar or ``[B]``. Book: :ref:`sec-dsm`.
     """
     _check_reduction(reduction)
