@@ -256,8 +256,9 @@ def importance_sample_time(
     ``_IS_CELLS`` cells (float64) and inverted by linear interpolation, so ``t`` has the
     piecewise-constant density ``q = dF/dt`` of that interpolant, which is what is returned:
     dividing by it is exactly unbiased whatever the table's resolution. Needs ``eps > 0``
-    (``lambda(0)`` is infinite). Song, Durkan, Murray & Ermon (2021), sec. 5; Kingma et al.
-    (2021): the likelihood weighting is flat in the log-SNR. Book: :ref:`sec-sde-loss-is`.
+    (``lambda(0)`` is infinite). Song, Durkan, Murray & Ermon (2021) reduce the variance of the
+    likelihood weighting by importance sampling; Kingma, Salimans, Poole & Ho (2021) note that
+    it is flat in the log-SNR. Book: :ref:`sec-sde-loss-is`.
     """
     eps = sde.eps if eps is None else eps
     if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
