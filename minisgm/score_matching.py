@@ -19,7 +19,7 @@ trained; ISM and SSM differentiate it once more).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ __all__ = [
     "dsm_loss",
     "ncsn_loss",
     "sde_loss",
+    "importance_sample_time",
 ]
 
 _REDUCTIONS = ("mean", "none")
@@ -234,6 +235,51 @@ def ncsn_loss(
 
 
 # ----- continuous time (SDEs) ---------------------------------------------------------
+_IS_CELLS = 1024  # cells of the inverse-CDF table of the importance-sampling density
+
+
+def importance_sample_time(
+    sde: SDE,
+    batch_size: int,
+    eps: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[Tensor, Tensor]:
+    """Times ``t`` on ``[eps, T]`` with density ``q(t)`` proportional to ``g(t)^2 / s(t)^2``.
+
+    Returns ``(t, q(t))``, each ``[batch_size]``. By the moment equation of a linear SDE,
+    ``d s^2/dt = 2 a s^2 + g^2`` with ``a = m'/m``, the density is ``g^2 / s^2 = -2 d lambda/dt``
+    for the log-SNR ``lambda(t) = log(m(t)/s(t))``: its CDF is
+    ``F(t) = (lambda(eps) - lambda(t)) / (lambda(eps) - lambda(T))``, i.e. ``lambda(t)`` is
+    uniform. ``F`` is tabulated from ``sde.marginal_coeffs`` on a geometric grid of
+    ``_IS_CELLS`` cells (float64) and inverted by linear interpolation, so ``t`` has the
+    piecewise-constant density ``q = dF/dt`` of that interpolant, which is what is returned:
+    dividing by it is exactly unbiased whatever the table's resolution. Needs ``eps > 0``
+    (``lambda(0)`` is infinite). Song, Durkan, Murray & Ermon (2021) reduce the variance of the
+    likelihood weighting by importance sampling; Kingma, Salimans, Poole & Ho (2021) note that
+    it is flat in the log-SNR. Book: :ref:`sec-sde-loss-is`.
+    """
+    eps = sde.eps if eps is None else eps
+    if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
+        raise ValueError(f"importance sampling needs eps in (0, {sde.T}), got {eps!r}")
+    # float64 keeps log s(t) accurate where s(t)^2 = sigma(t)^2 - sigma_min^2 cancels.
+    tab = torch.float64 if torch.device(device or "cpu").type != "mps" else torch.float32
+    k = torch.arange(_IS_CELLS + 1, device=device, dtype=tab)
+    t_grid = eps * (sde.T / eps) ** (k / _IS_CELLS)  # geometric: g^2/s^2 ~ 1/t near t = 0
+    t_grid[-1] = sde.T
+    m, s = sde.marginal_coeffs(t_grid)
+    lam = m.log() - s.log()
+    cdf = (lam[0] - lam) / (lam[0] - lam[-1])
+    u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype).to(tab)
+    i = (torch.searchsorted(cdf, u, right=True) - 1).clamp(0, _IS_CELLS - 1)
+    f0, f1 = cdf[i], cdf[i + 1]
+    t0, t1 = t_grid[i], t_grid[i + 1]
+    density = (f1 - f0) / (t1 - t0)
+    t = t0 + (u - f0) / density
+    return t.clamp(eps, sde.T).to(dtype), density.to(dtype)
+
+
 def sde_loss(
     score_fn: Callable[[Tensor, Tensor], Tensor],
     sde: SDE,
@@ -242,30 +288,45 @@ def sde_loss(
     likelihood_weighting: bool = False,
     generator: Optional[torch.Generator] = None,
     reduction: str = "mean",
+    importance_sampling: bool = False,
 ) -> Tensor:
-    """Continuous-time DSM ``E_t lambda(t) * 1/2 E|| s(x_t, t) + z / std(t) ||^2``, ``t ~ U[eps, 1]``.
+    """Continuous-time DSM ``E_t omega(t) * 1/2 E|| s(x_t, t) + z / s(t) ||^2``, ``t ~ U[eps, T]``.
 
-    Song et al. (2021), eq. (7), with ``x_t = m(t) x_0 + std(t) z`` drawn from the SDE's
-    Gaussian transition. Default ``lambda(t) = std(t)^2``, written as
-    ``1/2 || std(t) s(x_t, t) + z ||^2``; ``likelihood_weighting=True`` uses
-    ``lambda(t) = g(t)^2``, which makes the loss an upper bound on the negative
-    log-likelihood (Song, Durkan, Murray & Ermon 2021, Theorem 1). ``eps`` defaults to
-    ``sde.eps``. ``score_fn(x [B, ...], t [B])``. Book: :ref:`sec-sde-loss`.
+    Song et al. (2021), eq. (7), with ``x_t = m(t) x_0 + s(t) z`` drawn by ``sde.perturb``
+    (the book's ``alpha_t, sigma_t`` are the code's ``m, s``). Default weighting
+    ``omega(t) = s(t)^2``, written as ``1/2 || s(t) s_theta(x_t, t) + z ||^2``;
+    ``likelihood_weighting=True`` uses ``omega(t) = g(t)^2``, which makes ``T - eps`` times the
+    loss an upper bound on ``KL(p_eps || p_theta)`` up to a constant (Song, Durkan, Murray &
+    Ermon 2021, Theorem 1). ``importance_sampling=True`` (only with the likelihood weighting)
+    draws ``t`` from :func:`importance_sample_time`, density ``q(t) ~ g^2/s^2``, and divides
+    by ``(T - eps) q(t)``: the same expectation with a much smaller variance, each sample being
+    ``1/2 || s s_theta + z ||^2`` times a nearly constant weight. ``eps`` defaults to
+    ``sde.eps``. ``score_fn(x [B, ...], t [B])``. Book: :ref:`sec-sde-loss`,
+    :ref:`sec-sde-loss-is`.
     """
     _check_reduction(reduction)
     x = _check_x(x)
     eps = sde.eps if eps is None else eps
     if not (isinstance(eps, (int, float)) and 0 <= eps < sde.T):
         raise ValueError(f"eps must be a number in [0, {sde.T}), got {eps!r}")
+    if importance_sampling and not likelihood_weighting:
+        raise ValueError("importance_sampling=True needs likelihood_weighting=True")
     gen_device = generator.device if generator is not None else x.device
-    t = sde.sample_time(x.shape[0], eps, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-    z = randn_like(x, generator)
-    mean, std = sde.marginal(x, t)
-    x_t = mean + expand(std, x) * z
-    s = _check_score(score_fn(x_t, t), x)
-    if likelihood_weighting:
-        g2 = sde.diffusion(t) ** 2
-        per_sample = 0.5 * g2 * _sq_norm(s + z / expand(std, x))
+    if importance_sampling:
+        t, q = importance_sample_time(sde, x.shape[0], eps, generator, gen_device, x.dtype)
+        t, q = t.to(x.device), q.to(x.device)
     else:
-        per_sample = 0.5 * _sq_norm(expand(std, x) * s + z)
+        t = sde.sample_time(x.shape[0], eps, generator=generator, device=gen_device, dtype=x.dtype)
+        t = t.to(x.device)
+    x_t, z, sigma = sde.perturb(x, t, generator)
+    s = _check_score(score_fn(x_t, t), x)
+    std = expand(sigma, x)
+    if importance_sampling:
+        # 1/2 g^2 ||s + z/sigma||^2 / ((T - eps) q) = 1/2 ||sigma s + z||^2 * weight
+        weight = sde.diffusion(t) ** 2 / (sigma**2 * ((sde.T - eps) * q))
+        per_sample = 0.5 * weight * _sq_norm(std * s + z)
+    elif likelihood_weighting:
+        per_sample = 0.5 * sde.diffusion(t) ** 2 * _sq_norm(s + z / std)
+    else:
+        per_sample = 0.5 * _sq_norm(std * s + z)
     return _reduce(per_sample, reduction)
