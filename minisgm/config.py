@@ -116,7 +116,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # Adam (L2) weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this value; <= 0 disables
     ema_rate: float = 0.999  # exponential moving average of the weights (score-SDE: 0.999 VE, 0.9999 VP)
-    likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (bound on the NLL, Song et al. 2021b) instead of s(t)^2
+    likelihood_weighting: bool = False  # omega(t) = g(t)^2 (bound on the NLL, Song et al. 2021b) instead of sigma_t^2
+    importance_sampling: bool = False  # with likelihood_weighting: draw t with density ~ g^2/sigma_t^2 and reweight (unbiased, lower variance)
     seed: int = 0  # seeds initialisation, data order and noise: a run is a function of (config, seed); 0 <= seed < 2^63
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
     threads: int = 0  # CPU threads of PyTorch (0: automatic, 1 per core, fewer if the machine is busy)
@@ -445,6 +446,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--sde.sigma_max must exceed --sde.sigma_min, got {cfg.sde.sigma_max} <= {cfg.sde.sigma_min}")
     if not cfg.sde.beta_max >= cfg.sde.beta_min:
         raise ConfigError(f"--sde.beta_max must be >= --sde.beta_min, got {cfg.sde.beta_max} < {cfg.sde.beta_min}")
+    if cfg.train.importance_sampling and not cfg.train.likelihood_weighting:
+        raise ConfigError("--train.importance_sampling needs --train.likelihood_weighting (it reweights g(t)^2)")
     if isinstance(cfg.model, ModelConfig):
         if cfg.model.embed_dim % 2:
             raise ConfigError(f"--model.embed_dim must be even, got {cfg.model.embed_dim}")

@@ -230,7 +230,7 @@ class GaussianMixture:
 def exact_score_fn(gmm: GaussianMixture, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
     """The exact score ``grad log p_t(x)`` of the SDE's marginal when ``p_0`` is ``gmm``.
 
-    ``p_t`` is the law of ``m(t) x_0 + s(t) z``: the mixture ``gmm.noised(m(t), s(t))``, with
+    ``p_t`` is the law of ``alpha_t x_0 + sigma_t z``: the mixture ``gmm.noised(alpha_t, sigma_t)``, with
     ``t`` free to vary across the batch. Returns ``score_fn(x [B, d], t [B]) -> [B, d]``.
     Book: :ref:`sec-exact-scores`.
     """

@@ -157,7 +157,7 @@ def classifier_free_guided_score(cond_score_fn: Callable[..., Tensor], y, w: flo
 def gmm_class_logits_fn(gmm: GaussianMixture, sde: SDE) -> ClassifierFn:
     """The exact noise-conditional classifier of a mixture whose components are the classes.
 
-    ``p_t`` is ``gmm.noised(m(t), s(t))``, so ``log p_t(k | x) = log w_k + log N(x; m mu_k,
+    ``p_t`` is ``gmm.noised(alpha_t, sigma_t)``, so ``log p_t(k | x) = log w_k + log N(x; m mu_k,
     m^2 Sigma_k + s^2 I) - log p_t(x)``; the logits returned are the first two terms.
     Returns ``logits(x [B, d], t [B]) -> [B, K]``. Book: :ref:`sec-classifier-guidance`.
     """
@@ -211,7 +211,7 @@ def inpaint_sample(
     every update at time ``t`` the known entries are replaced by a fresh forward-noised copy
     of the data,
 
-        x <- mask * (m(t) x_known + s(t) z) + (1 - mask) * x,
+        x <- mask * (alpha_t x_known + sigma_t z) + (1 - mask) * x,
 
     so the missing entries evolve under ``grad log p_t`` evaluated next to a plausible noisy
     version of the known ones (Song et al. 2021, app. I.2). It is an approximation: the

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .checks import check_choice, check_like, check_positive, check_tensor, check_values
 from .sde import SDE, expand, randn_like
 
 __all__ = [
@@ -41,25 +42,15 @@ _REDUCTIONS = ("mean", "none")
 
 # ----- validation helpers -----------------------------------------------------------------
 def _check_x(x: Tensor) -> Tensor:
-    if not torch.is_tensor(x):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape [B, ...] with B >= 1, got {list(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    return x
+    return check_tensor("x", x, floating=True, nonempty=True)
 
 
 def _check_score(s: Tensor, x: Tensor, what: str = "score_fn(x)") -> Tensor:
-    if not torch.is_tensor(s) or s.shape != x.shape:
-        got = list(s.shape) if torch.is_tensor(s) else type(s).__name__
-        raise ValueError(f"{what} must return a tensor shaped like x {list(x.shape)}, got {got}")
-    return s
+    return check_like(what, s, x)
 
 
 def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
+    check_choice("reduction", reduction, _REDUCTIONS)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -72,15 +63,17 @@ def _sq_norm(v: Tensor) -> Tensor:
 
 
 def _check_sigma(sigma, x: Tensor) -> Tensor:
-    """``sigma`` as a ``[B]`` tensor (scalar broadcast); must be positive and finite."""
+    """``sigma`` as a ``[B]`` tensor (scalar broadcast); positive and finite (a Python number is
+    checked here, a tensor's values in debug mode: :mod:`minisgm.checks`)."""
+    if not torch.is_tensor(sigma):
+        check_positive("sigma", sigma)
     sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sig.dim() == 0:
         sig = sig.expand(x.shape[0])
     elif sig.shape != (x.shape[0],):
         raise ValueError(f"sigma must be a scalar or have shape [B]=[{x.shape[0]}], got {list(sig.shape)}")
-    if not (torch.isfinite(sig).all() and (sig > 0).all()):
-        lo, hi = float(sig.min()), float(sig.max())
-        raise ValueError(f"sigma must be positive and finite, got values in [{lo:.4g}, {hi:.4g}]")
+    check_values(lambda: (torch.isfinite(sig) & (sig > 0)).all(),
+                 lambda: f"sigma must be positive and finite, got values in [{float(sig.min()):.4g}, {float(sig.max()):.4g}]")
     return sig
 
 
@@ -220,11 +213,14 @@ def ncsn_loss(
     """
     _check_reduction(reduction)
     x = _check_x(x)
+    if not torch.is_tensor(sigmas):  # a Python sequence is checked for free
+        for v in sigmas:
+            check_positive("sigmas (every level)", v)
     sig_all = torch.as_tensor(sigmas, dtype=x.dtype, device=x.device)
     if sig_all.dim() != 1 or sig_all.numel() == 0:
         raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {list(sig_all.shape)}")
-    if not (torch.isfinite(sig_all).all() and (sig_all > 0).all()):
-        raise ValueError("sigmas must all be positive and finite")
+    check_values(lambda: (torch.isfinite(sig_all) & (sig_all > 0)).all(),
+                 lambda: "sigmas must all be positive and finite")
     gen_device = generator.device if generator is not None else x.device
     idx = torch.randint(0, sig_all.numel(), (x.shape[0],), generator=generator, device=gen_device).to(x.device)
     sigma = sig_all[idx]
@@ -246,11 +242,11 @@ def importance_sample_time(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
-    """Times ``t`` on ``[eps, T]`` with density ``q(t)`` proportional to ``g(t)^2 / s(t)^2``.
+    """Times ``t`` on ``[eps, T]`` with density ``q(t)`` proportional to ``g(t)^2 / sigma_t^2``.
 
     Returns ``(t, q(t))``, each ``[batch_size]``. By the moment equation of a linear SDE,
     ``d s^2/dt = 2 a s^2 + g^2`` with ``a = m'/m``, the density is ``g^2 / s^2 = -2 d lambda/dt``
-    for the log-SNR ``lambda(t) = log(m(t)/s(t))``: its CDF is
+    for the log-SNR ``lambda_t = log(alpha_t/sigma_t)``: its CDF is
     ``F(t) = (lambda(eps) - lambda(t)) / (lambda(eps) - lambda(T))``, i.e. ``lambda(t)`` is
     uniform. ``F`` is tabulated from ``sde.marginal_coeffs`` on a geometric grid of
     ``_IS_CELLS`` cells (float64) and inverted by linear interpolation, so ``t`` has the
@@ -263,7 +259,7 @@ def importance_sample_time(
     eps = sde.eps if eps is None else eps
     if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
         raise ValueError(f"importance sampling needs eps in (0, {sde.T}), got {eps!r}")
-    # float64 keeps log s(t) accurate where s(t)^2 = sigma(t)^2 - sigma_min^2 cancels.
+    # float64 keeps log sigma_t accurate where sigma_t^2 = sigma(t)^2 - sigma_min^2 cancels.
     tab = torch.float64 if torch.device(device or "cpu").type != "mps" else torch.float32
     k = torch.arange(_IS_CELLS + 1, device=device, dtype=tab)
     t_grid = eps * (sde.T / eps) ** (k / _IS_CELLS)  # geometric: g^2/s^2 ~ 1/t near t = 0
@@ -290,17 +286,16 @@ def sde_loss(
     reduction: str = "mean",
     importance_sampling: bool = False,
 ) -> Tensor:
-    """Continuous-time DSM ``E_t omega(t) * 1/2 E|| s(x_t, t) + z / s(t) ||^2``, ``t ~ U[eps, T]``.
+    """Continuous-time DSM ``E_t omega(t) * 1/2 E|| s_theta(x_t, t) + z / sigma_t ||^2``, ``t ~ U[eps, T]``.
 
-    Song et al. (2021), eq. (7), with ``x_t = m(t) x_0 + s(t) z`` drawn by ``sde.perturb``
-    (the book's ``alpha_t, sigma_t`` are the code's ``m, s``). Default weighting
-    ``omega(t) = s(t)^2``, written as ``1/2 || s(t) s_theta(x_t, t) + z ||^2``;
+    Song et al. (2021), eq. (7), with ``x_t = alpha_t x_0 + sigma_t z`` drawn by ``sde.perturb``.
+    Default weighting ``omega(t) = sigma_t^2``, written as ``1/2 || sigma_t s_theta(x_t, t) + z ||^2``;
     ``likelihood_weighting=True`` uses ``omega(t) = g(t)^2``, which makes ``T - eps`` times the
     loss an upper bound on ``KL(p_eps || p_theta)`` up to a constant (Song, Durkan, Murray &
     Ermon 2021, Theorem 1). ``importance_sampling=True`` (only with the likelihood weighting)
-    draws ``t`` from :func:`importance_sample_time`, density ``q(t) ~ g^2/s^2``, and divides
+    draws ``t`` from :func:`importance_sample_time`, density ``q(t) ~ g^2/sigma_t^2``, and divides
     by ``(T - eps) q(t)``: the same expectation with a much smaller variance, each sample being
-    ``1/2 || s s_theta + z ||^2`` times a nearly constant weight. ``eps`` defaults to
+    ``1/2 || sigma_t s_theta + z ||^2`` times a nearly constant weight. ``eps`` defaults to
     ``sde.eps``. ``score_fn(x [B, ...], t [B])``. Book: :ref:`sec-sde-loss`,
     :ref:`sec-sde-loss-is`.
     """

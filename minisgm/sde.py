@@ -143,7 +143,7 @@ class SDE:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Times ``t ~ U[eps, T]``, shape ``[batch_size]`` (the training distribution of t)."""
-        eps = self.eps if eps is None else check_number("eps", eps, 0.0, self.T, lo_open=True, hi_open=True)
+        eps = self.eps if eps is None else check_number("eps", eps, 0.0, self.T, hi_open=True)
         u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
         return eps + (self.T - eps) * u
 

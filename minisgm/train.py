@@ -129,7 +129,8 @@ def train_step(
 ) -> Tuple[Tensor, Tensor]:
     """One optimizer step over ``micro_batches`` (``(x, y or None, generator)`` each).
 
-    For each micro-batch: the DSM loss (bf16 autocast with ``mixed_precision``), backward of
+    For each micro-batch: the DSM loss (bf16 autocast with ``mixed_precision``; the weighting
+    and time sampling of ``likelihood_weighting`` and ``importance_sampling``), backward of
     ``loss / n``; then the global gradient norm is clipped to ``grad_clip`` (``<= 0``: not
     clipped) and Adam steps at ``lr``. Gradients of all but the last micro-batch are not
     all-reduced under DDP (``no_sync``). Returns ``(mean loss, gradient norm before clipping)``
@@ -142,8 +143,8 @@ def train_step(
     for k, (x, y, gen) in enumerate(micro_batches):
         sync = contextlib.nullcontext() if k == n - 1 or not hasattr(net, "no_sync") else net.no_sync()
         with sync:
-            loss = sde_loss(score_fn_of(net, y, tc.mixed_precision), sde, x, eps=eps,
-                            likelihood_weighting=tc.likelihood_weighting, generator=gen)
+            loss = sde_loss(score_fn_of(net, y, tc.mixed_precision), sde, x, eps=eps, generator=gen,
+                            likelihood_weighting=tc.likelihood_weighting, importance_sampling=tc.importance_sampling)
             (loss / n).backward()
         loss_sum += loss.detach() / n
     params = [p for group in opt.param_groups for p in group["params"]]

@@ -85,6 +85,7 @@ def test_sde_eps_reaches_every_sampling_path(tmp_path):
 @pytest.mark.parametrize(
     "preset, overrides",
     [("digits_vp", ["--model.nf", "8"]),
+     ("digits_ve", ["--model.nf", "8", "--train.likelihood_weighting", "--train.importance_sampling"]),
      ("cifar10_small", ["--model.nf", "16", "--model.ch_mult", "1,2", "--model.num_res_blocks", "1",
                         "--train.mixed_precision", "false", "--data.path", "unused"])],
 )

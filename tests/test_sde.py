@@ -175,7 +175,7 @@ def test_scalar_time_is_broadcast():
         (lambda: VPSDE().marginal(torch.zeros(3, 2), torch.zeros(4)), ValueError, r"t must be a scalar or have shape \[B\]=\[3\]"),
         (lambda: VESDE().discretize(torch.zeros(3, 2), 0.5, 0.0), ValueError, "dt must be a positive"),
         (lambda: VPSDE().prior_logp(torch.tensor(1.0)), ValueError, r"z must have at least 1 dimension"),
-        (lambda: VPSDE().sample_time(8, eps=2.0), ValueError, r"eps must be a finite number in \(0, 1\)"),
+        (lambda: VPSDE().sample_time(8, eps=2.0), ValueError, r"eps must be a finite number in \[0, 1\)"),
         (lambda: VPSDE(eps=0.0), ValueError, r"eps must be a finite number in \(0, 1\)"),
     ],
 )

@@ -26,7 +26,7 @@ The noise level enters the network as follows (``t`` is the SDE time in [0, 1]):
   is sigma(t) * score, a quantity of unit scale (Song & Ermon 2020, technique 3).
 * DDPM++ (VP and sub-VP SDEs, ``embedding_type="positional"``): the transformer sinusoidal
   embedding of 999 t (the DDPM step index for 1000 steps); the raw output predicts the noise
-  z of x_t = m(t) x_0 + s(t) z, so score = -output / s(t) (``scale_by_sigma=False``).
+  z of x_t = alpha_t x_0 + sigma_t z, so score = -output / sigma_t (``scale_by_sigma=False``).
 
 Here sigma(t) = s(t) is the marginal standard deviation, supplied by the SDE (see
 :class:`NCSNpp`). With :class:`minisgm.sde.VESDE` it is the exact sqrt(sigma(t)^2 -
@@ -612,16 +612,16 @@ class NCSNpp(nn.Module):
     """NCSN++ / DDPM++ score network ``score(x, t)`` (Song et al. 2021, section 4.4, app. H).
 
     The raw U-Net ``F(x, c)`` (:meth:`network`) is turned into a score with the marginal
-    standard deviation s(t) of the SDE:
+    standard deviation sigma_t of the SDE:
 
-    * ``scale_by_sigma=True`` (NCSN++, VE): ``c = log s(t)`` and ``score = F / s(t)``;
+    * ``scale_by_sigma=True`` (NCSN++, VE): ``c = log sigma_t`` and ``score = F / sigma_t``;
     * ``scale_by_sigma=False`` (DDPM++, VP / sub-VP): ``c = 999 t`` (positional) or
-      ``log s(t)`` (fourier), F predicts the noise z and ``score = -F / s(t)``
-      (``x_t = m(t) x_0 + s(t) z`` so grad log p(x_t | x_0) = -z / s(t)).
+      ``log sigma_t`` (fourier), F predicts the noise z and ``score = -F / sigma_t``
+      (``x_t = alpha_t x_0 + sigma_t z`` so grad log p(x_t | x_0) = -z / sigma_t).
 
     Args:
         config: the architecture (:class:`NCSNppConfig`).
-        marginal_std: ``t [B] -> s(t) [B]``, or an SDE object from :mod:`minisgm.sde` (its
+        marginal_std: ``t [B] -> sigma_t [B]``, or an SDE object from :mod:`minisgm.sde` (its
             ``marginal_coeffs(t)[1]`` is used). Needed by :meth:`forward` only; without it the
             model still offers :meth:`network` (e.g. for counting parameters).
 
