@@ -168,3 +168,10 @@ def test_citations_are_author_year_in_the_text_and_in_the_lists(html):
                     assert a.get_text() in (label, label.rpartition(", ")[2]), f"{page.name}: {a.get_text()!r} cites [{label}]"
                     cited += 1
     assert cited > 20, "too few citations resolved to their page's reference list"
+
+
+def test_search_page_asks_for_no_excerpts_on_file_urls(html):
+    # Browsers block the search page's fetch of each result's page from file:// (a CORS error
+    # per result); there it shows results without excerpts (over http, with them).
+    bodies = [s.get_text() for s in soup(html / "search.html").find_all("script")]
+    assert any('location.protocol === "file:"' in b and "SHOW_SEARCH_SUMMARY = false" in b for b in bodies)

@@ -1,6 +1,7 @@
 """Open every page of the rendered book in headless Chromium and report what a reader's browser
 console would show: uncaught exceptions, console errors, files that failed to load. Also checks
-that a page shows one search box and that its stored widgets rendered.
+that a page shows one search box, that its stored widgets rendered, and that a search finds
+something.
 
     python tools/check_pages.py [_build/html] [--screenshots DIR]
 
@@ -16,6 +17,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -34,7 +36,9 @@ PAGE_FACTS = """(() => {
     .filter((e) => visible(e) && !e.closest('.bd-main'));
   const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]');
   const rendered = [...document.querySelectorAll('.widget-subarea')].filter((e) => e.children.length > 0);
-  return JSON.stringify({search_boxes: search.length, widget_views: views.length, widgets_rendered: rendered.length});
+  const results = document.querySelectorAll('#search-results li').length;
+  return JSON.stringify({search_boxes: search.length, widget_views: views.length,
+                         widgets_rendered: rendered.length, search_results: results});
 })()"""
 
 
@@ -182,7 +186,8 @@ def check_page(browser: Browser, url: str, root: Path, settle: float, timeout: f
                             if e.get("sessionId") == session and e["method"] == "Network.requestWillBeSent"
                             and e["params"]["requestId"] == p["requestId"]), p["requestId"])
             errors.append(f"failed to load {_location(request, None, root).strip(' ()')}: {p.get('errorText')}")
-        elif method == "Network.responseReceived" and p["response"].get("status", 200) >= 400:
+        elif (method == "Network.responseReceived" and p["response"].get("status", 200) >= 400
+              and not p["response"]["url"].endswith("/favicon.ico")):  # the browser's own request
             errors.append(f"HTTP {p['response']['status']} for {p['response']['url']}")
 
     facts = json.loads(browser.send("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True},
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("html", nargs="?", default="_build/html", type=Path, help="the built HTML (default: _build/html)")
     parser.add_argument("--screenshots", type=Path, help="write a 1280x1600 PNG of each page's top here")
     parser.add_argument("--chromium", help="the browser executable (default: the first of %s on PATH)" % ", ".join(CHROMIUMS))
+    parser.add_argument("--search", default="score", help="a word to search for on the search page (default: score)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds without new events after load (default 2)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per page at most (default 60)")
     args = parser.parse_args(argv)
@@ -228,16 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         args.screenshots.mkdir(parents=True, exist_ok=True)
 
     failed = 0
-    todo = pages(args.html)
+    todo = [(p.relative_to(args.html).as_posix(), p.resolve().as_uri()) for p in pages(args.html)]
+    if (args.html / "search.html").is_file():  # and a search, as a reader makes one from the box
+        todo.append((f"search.html?q={args.search}", (args.html / "search.html").resolve().as_uri() + f"?q={args.search}"))
     with tempfile.TemporaryDirectory(prefix="check-pages-", ignore_cleanup_errors=True) as profile:
         browser = Browser(executable, profile)
         try:
-            for page in todo:
-                name = page.relative_to(args.html).as_posix()
-                shot = args.screenshots / (name.replace("/", "_")[:-5] + ".png") if args.screenshots else None
-                errors, warnings, facts = check_page(browser, page.resolve().as_uri(), args.html, args.settle, args.timeout, shot)
-                widgets = f", {facts['widgets_rendered']}/{facts['widget_views']} widgets rendered" if facts["widget_views"] else ""
-                print(f"{'FAIL' if errors else 'ok  '} {name}: {len(errors)} errors, {len(warnings)} warnings{widgets}")
+            for name, url in todo:
+                shot = args.screenshots / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace(".html", "")) + ".png") if args.screenshots else None
+                errors, warnings, facts = check_page(browser, url, args.html, args.settle, args.timeout, shot)
+                if "?q=" in name and not facts["search_results"]:
+                    errors.append("the search found nothing")
+                extra = f", {facts['widgets_rendered']}/{facts['widget_views']} widgets rendered" if facts["widget_views"] else ""
+                if "?q=" in name:
+                    extra += f", {facts['search_results']} results"
+                print(f"{'FAIL' if errors else 'ok  '} {name}: {len(errors)} errors, {len(warnings)} warnings{extra}")
                 for line in errors:
                     print(f"       error   {line}")
                 for line in warnings:

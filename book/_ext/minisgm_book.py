@@ -9,6 +9,9 @@
    builder started (sphinx-thebe's ``THEBE_JS_URL``, sphinx-togglebutton's selector) twice,
    once as filename ``None`` and once as ``''``, and the second ``const THEBE_JS_URL`` is a
    SyntaxError in the browser. The duplicates are removed from each page's script list.
+3. Search from ``file://``: Sphinx's search page fetches each result's page for an excerpt,
+   which browsers block on file:// (a CORS error and an uncaught rejection per result).
+   There the search page shows results without excerpts; over http it shows them.
 """
 
 from __future__ import annotations
@@ -202,6 +205,16 @@ def dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
     scripts[:] = unique
 
 
+# ----- 3. search without excerpts on file:// -----------------------------------------------
+
+NO_FETCH_ON_FILE = 'if (location.protocol === "file:") DOCUMENTATION_OPTIONS.SHOW_SEARCH_SUMMARY = false;'
+
+
+def search_without_fetch_on_file(app, pagename, templatename, context, doctree) -> None:
+    if pagename == "search":  # after documentation_options.js (priority 200)
+        app.add_js_file(None, body=NO_FETCH_ON_FILE, priority=210)
+
+
 def setup(app):
     pybtex.plugin.register_plugin("pybtex.style.labels", "minisgm_author_year", AuthorYearLabelStyle)
     pybtex.plugin.register_plugin("pybtex.style.formatting", "minisgm", MinisgmStyle)
@@ -209,6 +222,7 @@ def setup(app):
         "sphinxcontrib.bibtex.style.referencing", "minisgm_author_year", MinisgmReferenceStyle
     )
     app.connect("builder-inited", _collect_labels, priority=900)  # after sphinxcontrib-bibtex read the .bib
+    app.connect("html-page-context", search_without_fetch_on_file)
     app.connect("html-page-context", dedupe_scripts, priority=900)
     # A new env_version makes Sphinx re-read every page: an edit of this file (labels, citation
     # style) then shows in the next incremental build, as an edit of _config.yml would.
