@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install book test test-unit check-portable clean
+.PHONY: install book check-pages test test-unit check-portable clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 VENDOR := book/_vendor
 HTML_MANAGER := @jupyter-widgets/html-manager@1.0.15
 REQUIREJS := requirejs@2.3.8
-WIDGETS_JS := $(VENDOR)/html/widgets/embed-amd.js $(VENDOR)/html/widgets/require.js
+WIDGETS_JS := $(VENDOR)/html/widgets/embed-amd.js $(VENDOR)/html/widgets/require.js $(VENDOR)/html/widgets/offline.js
 
 $(VENDOR)/html/widgets/embed-amd.js:
 	mkdir -p $(VENDOR)/npm $(VENDOR)/html/widgets
@@ -37,9 +37,22 @@ $(VENDOR)/html/widgets/require.js:
 	cd $(VENDOR)/npm && npm pack --silent $(REQUIREJS) >/dev/null
 	tar -xzf $(VENDOR)/npm/requirejs-*.tgz -O package/require.js > $@.tmp && mv $@.tmp $@
 
+# Loaded between the two: points the manager at its fonts and at MathJax 3 (see the file).
+$(VENDOR)/html/widgets/offline.js: book/_ext/widgets_offline.js
+	mkdir -p $(VENDOR)/html/widgets
+	cp $< $@
+
+# Render the book, then open every page in headless Chromium (where installed) and report
+# console errors (tools/check_pages.py; without Chromium it prints a note and passes).
 book: $(STAMP) $(WIDGETS_JS)
 	$(BIN)/jupyter-book build . -W --keep-going
-	@echo "Open _build/html/index.html"
+	@$(MAKE) --no-print-directory check-pages
+	@echo "Open _build/html/index.html (or, for search excerpts: $(BIN)/python -m http.server -d _build/html)"
+
+# Screenshots of each page's top go to $(SHOTS) when set: make check-pages SHOTS=/tmp/shots
+SHOTS ?=
+check-pages:
+	$(PY) tools/check_pages.py _build/html $(if $(SHOTS),--screenshots $(SHOTS))
 
 # Unit tests and strict nbval on every chapter, two workers, one notebook per worker; then
 # everything again with PyTorch's generic CPU kernels (ATEN_CPU_CAPABILITY=default), a stand-in
