@@ -43,7 +43,7 @@ $(VENDOR)/html/widgets/offline.js: book/_ext/widgets_offline.js
 	cp $< $@
 
 # Render the book, then open every page in headless Chromium (where installed) and report
-# console errors (tools/check_pages.py; without Chromium it prints a note and passes).
+# console errors (book/_ext/check_pages.py; without Chromium it prints a note and passes).
 book: $(STAMP) $(WIDGETS_JS)
 	$(BIN)/jupyter-book build . -W --keep-going
 	@$(MAKE) --no-print-directory check-pages
@@ -52,7 +52,7 @@ book: $(STAMP) $(WIDGETS_JS)
 # Screenshots of each page's top go to $(SHOTS) when set: make check-pages SHOTS=/tmp/shots
 SHOTS ?=
 check-pages:
-	$(PY) tools/check_pages.py _build/html $(if $(SHOTS),--screenshots $(SHOTS))
+	$(PY) book/_ext/check_pages.py _build/html $(if $(SHOTS),--screenshots $(SHOTS))
 
 # Unit tests and strict nbval on every chapter, two workers, one notebook per worker; then
 # everything again with PyTorch's generic CPU kernels (ATEN_CPU_CAPABILITY=default), a stand-in

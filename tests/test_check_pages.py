@@ -1,4 +1,4 @@
-"""tools/check_pages.py, which `make book` runs, sees what a reader's browser console shows.
+"""book/_ext/check_pages.py, which `make book` runs, sees what a reader's browser console shows.
 
 Runs it on two small pages in headless Chromium; skipped where Chromium is not installed.
 """
@@ -23,7 +23,7 @@ BROKEN = f"""<!doctype html><html><head><title>broken</title>
 
 
 def check(html: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_pages.py"), str(html), "--settle", "0.5"],
+    return subprocess.run([sys.executable, str(ROOT / "book" / "_ext" / "check_pages.py"), str(html), "--settle", "0.5"],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -44,7 +44,7 @@ def test_check_pages_reports_console_errors_failed_files_and_search_boxes(tmp_pa
 
 
 def test_check_pages_without_chromium_passes_with_a_note(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "check_pages.py"), str(tmp_path), "--chromium", ""],
+    run = subprocess.run([sys.executable, str(ROOT / "book" / "_ext" / "check_pages.py"), str(tmp_path), "--chromium", ""],
                          capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "skipped, no Chromium found" in run.stdout
