@@ -215,7 +215,14 @@ def search_without_fetch_on_file(app, pagename, templatename, context, doctree) 
         app.add_js_file(None, body=NO_FETCH_ON_FILE, priority=210)
 
 
+def _add_static(app, config):
+    """The book's CSS (book/_ext/static/minisgm_book.css) is copied and linked on every page."""
+    config.html_static_path.append(str(Path(__file__).parent / "static"))
+
+
 def setup(app):
+    app.connect("config-inited", _add_static)
+    app.add_css_file("minisgm_book.css")
     pybtex.plugin.register_plugin("pybtex.style.labels", "minisgm_author_year", AuthorYearLabelStyle)
     pybtex.plugin.register_plugin("pybtex.style.formatting", "minisgm", MinisgmStyle)
     sphinxcontrib.bibtex.plugin.register_plugin(
