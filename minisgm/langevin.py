@@ -1,7 +1,7 @@
 """Langevin samplers driven by a score, and the NCSNv2 recipes for noise levels and step size.
 
 * :func:`langevin_sample`: unadjusted Langevin algorithm (ULA),
-  ``x <- x + eps * s(x) + sqrt(2 eps) z``. Biased for eps > 0 (book :ref:`sec-langevin`).
+  ``x <- x + h * s(x) + sqrt(2 h) z``. Biased for h > 0 (book :ref:`sec-langevin`).
 * :func:`mala_sample`: Metropolis-adjusted Langevin (Roberts & Tweedie 1996), the same proposal
   with an exact Metropolis-Hastings correction, so the target is exactly invariant.
 * :func:`annealed_langevin_sample`: Song & Ermon (2019), Algorithm 1, with the noise-conditional
@@ -64,22 +64,22 @@ def langevin_sample(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, Tensor], None]] = None,
 ) -> Tuple[Tensor, int]:
-    """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + eps s(x_k) + sqrt(2 eps) z_k``.
+    """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + h s(x_k) + sqrt(2 h) z_k``.
 
     The Euler-Maruyama discretisation of ``dx = grad log p(x) dt + sqrt(2) dw``, whose
-    stationary law is ``p``; for ``eps > 0`` the chain's stationary law is biased (on
-    ``N(0, s^2)`` its variance is ``s^2 / (1 - eps / (2 s^2))``). Runs every chain of the
+    stationary law is ``p``; for ``h > 0`` the chain's stationary law is biased (on
+    ``N(0, tau^2)`` its variance is ``tau^2 / (1 - h / (2 tau^2))``). Runs every chain of the
     batch ``x0 [B, ...]`` in parallel; ``callback(k, x)`` sees the state after step ``k``
     (``k = 0..n_steps-1``). Returns ``(x [B, ...], nfe = n_steps)``.
     Book: :ref:`sec-langevin`. Roberts & Tweedie (1996) (their "ULA").
     """
     x = _check_x0(x0).clone()
-    eps = check_positive("step_size", step_size)
+    h = check_positive("step_size", step_size)
     check_int("n_steps", n_steps, 0)
-    noise_scale = math.sqrt(2 * eps)
+    noise_scale = math.sqrt(2 * h)
     for k in range(n_steps):
         s = check_like("score_fn", score_fn(x), x)
-        x = x + eps * s + noise_scale * randn_like(x, generator)
+        x = x + h * s + noise_scale * randn_like(x, generator)
         if callback is not None:
             callback(k, x)
     return x, n_steps
@@ -108,10 +108,10 @@ def mala_sample(
 ) -> Tuple[Tensor, int]:
     """Metropolis-adjusted Langevin: a ULA proposal accepted with the MH probability.
 
-    Proposal ``y = x + eps s(x) + sqrt(2 eps) z``, i.e. ``q(y|x) = N(y; x + eps s(x), 2 eps I)``;
+    Proposal ``y = x + h s(x) + sqrt(2 h) z``, i.e. ``q(y|x) = N(y; x + h s(x), 2 h I)``;
     accept with probability ``min(1, p(y) q(x|y) / (p(x) q(y|x)))``, where
-    ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - eps s(y)||^2 / (2 eps)) / 2``. The chain
-    leaves ``p`` exactly invariant for every ``eps`` (Roberts & Tweedie 1996, "MALA").
+    ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - h s(y)||^2 / (2 h)) / 2``. The chain
+    leaves ``p`` exactly invariant for every ``h`` (Roberts & Tweedie 1996, "MALA").
     ``log_prob_fn(x) -> [B]`` may be unnormalised; ``score_fn`` defaults to its autograd
     gradient. ``callback(k, x, accepted)`` sees the state after step ``k`` and the ``[B]``
     boolean mask of the chains whose proposal was accepted (average it for the acceptance
@@ -119,10 +119,10 @@ def mala_sample(
     every proposal). Book: :ref:`sec-mala`.
     """
     x = _check_x0(x0).clone()
-    eps = check_positive("step_size", step_size)
+    h = check_positive("step_size", step_size)
     check_int("n_steps", n_steps, 0)
     score_fn = _autograd_score(log_prob_fn) if score_fn is None else score_fn
-    noise_scale = math.sqrt(2 * eps)
+    noise_scale = math.sqrt(2 * h)
 
     def evaluate(v: Tensor) -> Tuple[Tensor, Tensor]:
         lp = log_prob_fn(v)
@@ -136,10 +136,10 @@ def mala_sample(
     view = (-1,) + (1,) * (x.dim() - 1)
     for k in range(n_steps):
         z = randn_like(x, generator)
-        y = x + eps * s_x + noise_scale * z
+        y = x + h * s_x + noise_scale * z
         lp_y, s_y = evaluate(y)
         log_q_fwd = -0.5 * _sq_norm(z)  # log q(y|x) up to the shared constant
-        log_q_rev = -_sq_norm(x - y - eps * s_y) / (4 * eps)  # log q(x|y)
+        log_q_rev = -_sq_norm(x - y - h * s_y) / (4 * h)  # log q(x|y)
         log_alpha = lp_y - lp_x + log_q_rev - log_q_fwd
         u = torch.rand(x.shape[0], generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
         # log u < log alpha; nan (e.g. -inf - -inf) is rejected.
@@ -292,9 +292,9 @@ def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: f
 
 
 def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
-    """NCSNv2 technique 4: ``Var[x_T] / sigma_i^2`` after ``T`` Langevin steps on ``N(0, sigma_i^2 I)``.
+    """NCSNv2 technique 4: ``Var[x_T] / sigma_i^2`` after ``M`` Langevin steps on ``N(0, sigma_i^2 I)``.
 
-    Started from ``N(0, sigma_{i-1}^2 I)``, ``u = eps / sigma_L^2``: each step maps the variance
+    Started from ``N(0, sigma_{i-1}^2 I)``, ``u = h / sigma_L^2``: each step maps the variance
     ``v -> (1 - u)^2 v + 2 u sigma_i^2``, whose fixed point is ``sigma_i^2 / (1 - u/2)``.
     """
     c = 1.0 / (1.0 - 0.5 * u)
@@ -302,12 +302,12 @@ def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
 
 
 def recommended_step_size(sigmas: Sequence[float] | Tensor, n_steps_each: int) -> float:
-    """NCSNv2 technique 4: the ``step_lr`` (eps) making the variance ratio below as close to 1 as possible.
+    """NCSNv2 technique 4: the ``step_lr`` (h) making the variance ratio below as close to 1 as possible.
 
-    ``(1 - eps/sigma_L^2)^(2T) (gamma^2 - 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2))
-    + 2 eps / (sigma_L^2 - sigma_L^2 (1 - eps/sigma_L^2)^2)`` is the variance of the Langevin
-    chain at level ``i`` after ``T = n_steps_each`` steps, relative to ``sigma_i^2``. It exceeds
-    1 for every ``eps``, so we minimise it over ``eps in (0, sigma_L^2)`` (bounded Brent search).
+    ``(1 - h/sigma_L^2)^(2M) (gamma^2 - 2 h / (sigma_L^2 - sigma_L^2 (1 - h/sigma_L^2)^2))
+    + 2 h / (sigma_L^2 - sigma_L^2 (1 - h/sigma_L^2)^2)`` is the variance of the Langevin
+    chain at level ``i`` after ``M = n_steps_each`` steps, relative to ``sigma_i^2``. It exceeds
+    1 for every ``h``, so we minimise it over ``h in (0, sigma_L^2)`` (bounded Brent search).
     ``gamma`` is the geometric-mean ratio of consecutive ``sigmas``.
     """
     from scipy.optimize import minimize_scalar
