@@ -12,8 +12,12 @@ Both networks are the DDPM U-Net (Ho et al. 2020) with the paper's improvements:
   variance through the many blocks;
 * FIR anti-aliased resampling with the [1, 3, 3, 1] kernel (StyleGAN2, Karras et al. 2020)
   for NCSN++; nearest/average-pool resampling for DDPM++;
-* a progressive-growing input path (``progressive_input="residual"`` in NCSN++): the image is
-  FIR-downsampled level by level and added to the features;
+* a progressive input path (``progressive_input="residual"`` in NCSN++; the "residual"
+  discriminator of StyleGAN2): at the first downsampling the image is FIR-downsampled, mapped
+  by a 3x3 conv to the features' width and added to them (divided by sqrt(2)); at each later
+  downsampling the tensor carried along -- that sum, i.e. features, not the image -- is
+  FIR-downsampled and convolved (3x3) again and added. (``"input_skip"`` is the image pyramid:
+  the image, FIR-downsampled level by level, enters every level through a 1x1 conv.)
 * self-attention at the 16 x 16 feature maps (one head, ``scaled_dot_product_attention``);
 * noise conditioning through an embedding of the noise level fed to every residual block as
   a per-channel bias (the GroupNorms themselves are unconditional, as in the paper's configs).
@@ -98,7 +102,7 @@ class NCSNppConfig:
     skip_rescale: bool = True  # divide every residual sum by sqrt(2) (keeps the variance)
     resblock_type: str = "biggan"  # "biggan" (blocks resample) or "ddpm" (separate resampling layers)
     progressive: str = "none"  # output path: "none", "output_skip" or "residual"
-    progressive_input: str = "none"  # input image pyramid: "none", "input_skip" or "residual"
+    progressive_input: str = "none"  # progressive input path: "none", "input_skip" (image pyramid, 1x1 convs) or "residual" (features carried level to level, 3x3 convs)
     progressive_combine: str = "sum"  # how "input_skip" merges the pyramid: "sum" or "cat"
     embedding_type: str = "positional"  # "fourier" on log sigma(t) (VE) or "positional" on 999 t (VP)
     fourier_scale: float = 16.0  # std of the random Fourier frequencies W
@@ -220,7 +224,7 @@ def _check_group_norm_channels(ch: int, what: str) -> None:
 
 
 def ncsnpp_cifar10() -> NCSNppConfig:
-    """NCSN++ cont. for the VE SDE on CIFAR-10: 4 levels x 4 BigGAN blocks, FIR, input pyramid."""
+    """NCSN++ cont. for the VE SDE on CIFAR-10: 4 levels x 4 BigGAN blocks, FIR, residual progressive input path."""
     return NCSNppConfig(
         nf=128,
         ch_mult=(1, 2, 2, 2),
@@ -248,7 +252,7 @@ def ncsnpp_cifar10() -> NCSNppConfig:
 
 
 def ddpmpp_cifar10() -> NCSNppConfig:
-    """DDPM++ cont. for the VP and sub-VP SDEs on CIFAR-10: no FIR, no pyramid, noise prediction."""
+    """DDPM++ cont. for the VP and sub-VP SDEs on CIFAR-10: no FIR, no progressive input, noise prediction."""
     return dataclasses.replace(
         ncsnpp_cifar10(),
         fir=False,
