@@ -21,7 +21,8 @@ def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int
     """Tile images ``[N, C, H, W]`` with values in ``[0, 1]`` into one ``[rows*H, cols*W, 3]`` uint8 array.
 
     ``scale`` repeats pixels (nearest neighbour) so small images stay visible; 0 picks
-    ``max(1, 64 // H)``. ``pad`` is the white gap between images in output pixels (0: ``max(1, scale // 2)``).
+    ``max(1, 64 // H)``. ``pad`` is the grey gap between images in output pixels (0: ``max(1, scale // 2)``):
+    grey, so that it shows between black and between white images.
     """
     x = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -36,7 +37,7 @@ def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int
     h, w = h * scale, w * scale
     ncol = ncol or int(math.ceil(math.sqrt(n)))
     nrow = int(math.ceil(n / ncol))
-    canvas = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), dtype=np.float32)
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 0.5, dtype=np.float32)
     for i in range(n):
         r, q = divmod(i, ncol)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i].transpose(1, 2, 0)
