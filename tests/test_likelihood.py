@@ -192,3 +192,13 @@ def test_bad_input():
         bits_per_dim(score_fn, sde, torch.zeros(4, 2, dtype=torch.long), 17, scale=0.0)
     with pytest.raises(ValueError, match="n_dims"):
         bpd_from_logp(torch.zeros(2), 0, 17)
+    with pytest.raises(ValueError, match="empty batch"):
+        log_likelihood(score_fn, sde, torch.zeros(0, 2, dtype=F64))
+
+
+def test_a_nan_score_is_reported_not_an_underflow():
+    from minisgm.samplers import NonFiniteSampleError
+
+    sde = VPSDE()
+    with pytest.raises(NonFiniteSampleError, match="NaN or infinite"):
+        log_likelihood(lambda x, t: torch.full_like(x, float("nan")), sde, torch.zeros(4, 2, dtype=F64))
