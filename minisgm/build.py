@@ -367,10 +367,11 @@ def open_run(args) -> Tuple[Run, torch.device]:
     import sys
 
     note = configure_threads(args.threads)
-    if note:
-        print(note, file=sys.stderr)
     device = resolve_device(args.device)
-    return load_run(args.ckpt, device, use_ema=not args.no_ema), device
+    run = load_run(args.ckpt, device, use_ema=not args.no_ema)
+    if note:  # after loading, so that a bad checkpoint is reported in one line
+        print(note, file=sys.stderr)
+    return run, device
 
 
 # ----------------------------------------------------------------------------------------------

@@ -529,8 +529,12 @@ def train(
     resume: bool = True,
     progress: bool = True,
     dist_info: Optional[Dist] = None,
+    note: Optional[str] = None,
 ) -> Path:
     """Train ``cfg`` into ``run_dir`` (resuming from its ``checkpoint.pt`` if there is one).
+
+    ``note`` (the command line's choice of CPU threads) is printed under the start banner, so
+    that a config or data error stays a single line.
 
     Returns the run folder. Raises :class:`TrainingDiverged` if the loss becomes NaN/inf (the
     last good checkpoint is kept), :class:`TrainingStopped` after SIGINT/SIGTERM (with a
@@ -561,6 +565,8 @@ def train(
     try:
         s = _build_state(cfg, d, run_dir)
         _resume_or_start(s, resume)
+        if note and d.is_main:
+            print(note, file=sys.stderr, flush=True)
         with StopSignals(d) as stop:
             outcome = {"event": "failed"}
             try:
@@ -664,12 +670,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, args = resolve_config(argv)
     note = configure_threads(cfg.train.threads)
-    if note:
-        print(note, file=sys.stderr)
     d = None
     try:
         d = setup_distributed(cfg.train.device)
-        run_dir = train(cfg, args.run_dir, resume=True, progress=not args.no_progress, dist_info=d)
+        run_dir = train(cfg, args.run_dir, resume=True, progress=not args.no_progress, dist_info=d, note=note)
     except (ConfigError, RunFolderBusy) as err:
         return _fail(str(err), 2)
     except (TrainingDiverged, CheckpointError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def debug_mode():
 
 
 @pytest.fixture
+def busy_machine(monkeypatch):
+    """A machine whose load average says it is busy and no ``OMP_NUM_THREADS``: the command
+    lines then pick fewer CPU threads and print a note (as CI's 2 cores under load did). The
+    thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cifar10_archive(tmp_path):
     """A tiny CIFAR-10 in the real python format: ``(path of the .tar.gz, batches)``.
 
@@ -38,7 +53,6 @@ def cifar10_archive(tmp_path):
 
 
 # ----- training entry points (tests/test_train.py, test_cli.py) ------------------------------
-import os  # noqa: E402
 import subprocess  # noqa: E402
 
 #: Overrides that make the default digits preset train in a second or two.

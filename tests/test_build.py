@@ -199,7 +199,8 @@ def test_an_array_file_trains(tmp_path):
         (lambda d: (d.parent.mkdir(exist_ok=True), d.write_text("x")), "is not a folder"),
     ],
 )
-def test_bad_image_folders_stop_with_one_line(tmp_path, capsys, make, needle):
+def test_bad_image_folders_stop_with_one_line(tmp_path, capsys, make, needle, busy_machine):
+    # one line even on a busy machine, whose note on CPU threads waits for training to start
     data = tmp_path / "pics"
     make(data)
     assert main(["--data.dataset", "folder", "--data.path", str(data), "--run-dir", str(tmp_path / "run"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from minisgm.build import SAMPLERS, generate, load_run
 from minisgm.evaluate import main as evaluate_main
 from minisgm.images import grid_image
 from minisgm.sample import main as sample_main
+from minisgm.train import main as train_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -85,12 +87,25 @@ def _rewritten(run, tmp_path, name, edit):
         (lambda s: s["config"]["train"].update(lr="fast"), "invalid"),
     ],
 )
-def test_sample_and_evaluate_refuse_bad_checkpoints(tiny_digits_run, tmp_path, capsys, edit, needle):
+def test_sample_and_evaluate_refuse_bad_checkpoints(tiny_digits_run, tmp_path, capsys, edit, needle, busy_machine):
     bad = _rewritten(tiny_digits_run, tmp_path, "bad.pt", edit)
     assert sample_main(["--ckpt", str(bad), "--n", "2", "--steps", "2", "--no-progress"]) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err  # no note on threads first
     assert evaluate_main(["--ckpt", str(bad), "--metric", "digits_fd", "--n", "2", "--steps", "2"]) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_busy_machine_is_told_once_work_starts(tiny_digits_run, tmp_path, capsys, busy_machine):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_digits_run, run)
+    assert train_main(["--resume", str(run), "--train.n_steps", "5", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "Resuming" in cap.out and "note: the machine is busy" in cap.err and torch.get_num_threads() == 1
+    assert sample_main(["--ckpt", str(run), "--n", "2", "--steps", "2", "--no-progress",
+                        "--out", str(tmp_path / "s.npz")]) == 0
+    assert "note: the machine is busy" in capsys.readouterr().err
 
 
 def test_nan_weights_are_reported_not_sampled(tiny_digits_run, tmp_path, capsys):

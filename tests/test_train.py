@@ -306,7 +306,7 @@ def test_stale_temporary_files_are_removed(tiny_digits_run, tmp_path, capsys):
     assert "left by a process killed while writing" in capsys.readouterr().out
 
 
-def test_bad_runs_end_in_one_clear_line(tiny_digits_run, tmp_path, capsys, monkeypatch):
+def test_bad_runs_end_in_one_clear_line(tiny_digits_run, tmp_path, capsys, monkeypatch, busy_machine):
     import errno
 
     import minisgm.checkpoint as ckpt_mod
