@@ -761,14 +761,14 @@ def dpm_solver_orders(nfe: int, order: int = 3) -> List[int]:
 def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool) -> List[int]:
     if isinstance(order, int) and not isinstance(order, bool):
         orders = [check_choice("order", order, (1, 2, 3))] * n_steps
-    else:
+        if lower_order_final and n_steps < 10:  # at most order j + 1 in the j-th step from the end
+            orders = [min(k, n_steps - i) for i, k in enumerate(orders)]
+    else:  # per-step orders are taken as given
         orders = [check_choice("order (each entry)", k, (1, 2, 3)) for k in order]
         if len(orders) != n_steps:
             raise ValueError(f"order holds {len(orders)} per-step orders but n_steps={n_steps}")
     if multistep:  # a multistep method starts with what its history allows
         orders = [min(k, i + 1) for i, k in enumerate(orders)]
-    if lower_order_final:  # at most order j + 1 in the j-th step from the end
-        orders = [min(k, n_steps - i) for i, k in enumerate(orders)]
     return orders
 
 
@@ -827,10 +827,10 @@ def dpm_solver_sample(
     3M: the quadratic through three), one evaluation per step, ``nfe = n_steps``;
     ``multistep=False`` takes intermediate stages inside each step (2S: Algorithm 1 with
     ``r = 1/2``; 3S: stages at ``r = 1/3, 2/3``), ``nfe = sum of the orders``. ``order`` may be a
-    sequence of per-step orders (e.g. :func:`dpm_solver_orders`). A multistep method starts at
+    sequence of per-step orders (e.g. :func:`dpm_solver_orders`), used as given. A multistep method starts at
     order 1 and rises as history accumulates; ``lower_order_final`` lowers the last steps to
-    orders 1, 2 (the official code does so below 10 steps), which keeps the final, stiffest
-    steps stable. ``denoise`` adds a final ``x0_hat(x_N, t_N)`` (+1 NFE).
+    orders 1, 2 when there are fewer than 10 steps (as the official code does), which keeps
+    long final steps stable; with more steps it would cost the method its order. ``denoise`` adds a final ``x0_hat(x_N, t_N)`` (+1 NFE).
 
     Defaults: 3M on the EDM grid (:func:`edm_time_grid`, ``rho = 7``) with lower-order final
     steps and no final denoising: of the orders, forms, grids and last steps measured by
