@@ -611,7 +611,8 @@ def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) ->
 
 
 def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sigma_min: Optional[float] = None,
-                     sigma_max: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+                     sigma_max: Optional[float] = None, tail_density: float = 0.1, device=None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
     """A grid ``T = t_0 > ... > t_N = eps`` uniform in the log-SNR ``lambda_t = log(alpha_t / sigma_t)``.
 
     With ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` running from ``sigma(T)`` down to
@@ -619,18 +620,19 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
     the grid works for any SDE. This is the "logSNR" grid of DPM-Solver (Lu et al. 2022, sec. 3.3)
     and the ``rho -> infinity`` limit of :func:`edm_time_grid`.
 
-    ``sigma_min`` / ``sigma_max`` restrict the grid to a noise range, as EDM's samplers do
-    (Karras et al. 2022 use ``[0.002, 80]`` for data of unit scale): the grid is uniform in
-    ``lambda`` from ``min(sigma(T), sigma_max)`` to ``max(sigma(eps), sigma_min)``, and then its
-    first point is moved to ``T`` and its last to ``eps``, so the first and last steps get
-    longer instead of adding steps. Steps beyond ``sigma_max`` (where the denoiser ``D`` is
-    nearly the data mean) or below ``sigma_min`` (where ``x`` is data up to invisible noise) are
-    wasted: VE (``sigma`` from 50 down to 1.3e-4) and sub-VP (152 down to 1e-4) would otherwise
-    spend a quarter of a uniform grid there. Shape ``[n_steps + 1]``; pass it as
-    ``ts=``. Book: :ref:`sec-fast-grids`.
+    ``sigma_min`` / ``sigma_max`` concentrate the grid on a noise range, as EDM's samplers do
+    (Karras et al. 2022 use ``[0.002, 80]`` for data of unit scale): outside the range the
+    points are ``tail_density`` times as dense in ``lambda`` as inside. Steps beyond
+    ``sigma_max`` (where the denoiser ``D`` is nearly the data mean) or below ``sigma_min``
+    (where ``x`` is data up to invisible noise) are nearly wasted: VE (``sigma`` from 50 down to
+    1.3e-4) and sub-VP (152 down to 1e-4) would otherwise spend a quarter of a uniform grid
+    there. A positive ``tail_density`` keeps every step shrinking like ``1/N``, so a solver
+    keeps its order of convergence; 0 would give the tails one step each, whatever ``N``.
+    Shape ``[n_steps + 1]``; pass it as ``ts=``. Book: :ref:`sec-fast-grids`.
     """
     n_steps = check_int("n_steps", n_steps)
     eps = _eps(sde, eps)
+    tail_density = check_number("tail_density", tail_density, 0.0, 1.0)
     if sigma_min is not None:
         check_positive("sigma_min", sigma_min)
     if sigma_max is not None:
@@ -638,14 +640,25 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
         if sigma_min is not None and not sigma_max > sigma_min:
             raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     hi, lo = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
-    # The uniform part spans [sigma_max, sigma_min] where these clip the SDE's range; its first
-    # and last points are then moved to T and eps, so that no step is spent outside the range.
-    a = math.log(min(hi, sigma_max) if sigma_max is not None else hi)
-    b = math.log(max(lo, sigma_min) if sigma_min is not None else lo)
-    if not a > b:
+    # Breakpoints of a piecewise-linear warp in log sigma = -lambda: density tail_density on
+    # [sigma_max, sigma(T)] and [sigma(eps), sigma_min], 1 in between; uniform in the warp.
+    log_hi, log_lo = math.log(hi), math.log(lo)
+    a = max(min(math.log(sigma_max), log_hi), log_lo) if sigma_max is not None else log_hi
+    b = min(max(math.log(sigma_min), log_lo), a) if sigma_min is not None else log_lo
+    if a == b:
         raise ValueError(f"the range [sigma_min, sigma_max] must overlap the SDE's ({lo:.3g}, {hi:.3g})")
-    i = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
-    ts = _times_of_noise_to_signal(sde, (a + i * (b - a)).exp(), eps, sde.T)
+    knots_log = [log_hi, a, b, log_lo]  # decreasing
+    lengths = [tail_density * (log_hi - a), a - b, tail_density * (b - log_lo)]
+    knots_u = [0.0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    u = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps * knots_u[-1]
+    log_nsr = torch.empty_like(u)
+    for j in range(3):  # invert the warp segment by segment
+        inside = (u >= knots_u[j]) & (u <= knots_u[j + 1])
+        if knots_u[j + 1] > knots_u[j]:
+            frac = (u - knots_u[j]) / (knots_u[j + 1] - knots_u[j])
+            log_nsr = torch.where(inside, knots_log[j] + frac * (knots_log[j + 1] - knots_log[j]), log_nsr)
+    log_nsr[0], log_nsr[-1] = log_hi, log_lo
+    ts = _times_of_noise_to_signal(sde, log_nsr.exp(), eps, sde.T)
     ts[0], ts[-1] = sde.T, eps  # exact end points
     return ts.to(device=device, dtype=dtype)
 

@@ -60,7 +60,7 @@ def references():
 def test_empirical_order(references, sde_name, solver):
     sde, sf, x_T, ref = references[sde_name]
     f, order = SOLVERS[solver]
-    steps = (20, 40) if solver == "dpm_3m" else (40, 80)
+    steps = (40, 80)
     errs = [float((f(sf, sde, n, x_T)[0] - ref).norm(dim=1).mean()) for n in steps]
     slope = math.log(errs[0] / errs[1]) / math.log(steps[1] / steps[0])
     assert abs(slope - order) < 0.4, (solver, sde_name, errs, slope)
@@ -300,14 +300,25 @@ def test_lambda_time_grid(sde_name):
     alpha, sigma = sde.marginal_coeffs(ts)
     lam = (alpha / sigma).log()
     torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(10), rtol=1e-9, atol=0)
-    # clipped to EDM's range: uniform on [80, 0.002] (within the SDE's), end points moved to T, eps
-    ts = S.lambda_time_grid(sde, 10, sigma_min=0.002, sigma_max=80.0, dtype=F64)
+    # concentrated on EDM's range: uniform in log sigma inside [0.002, 80], 10x sparser outside
+    ts = S.lambda_time_grid(sde, 200, sigma_min=0.002, sigma_max=80.0, dtype=F64)
     alpha, sigma = sde.marginal_coeffs(ts)
+    log_nsr = (sigma / alpha).log()
+    steps = -log_nsr.diff()
+    inside = (log_nsr[:-1] <= math.log(80.0)) & (log_nsr[1:] >= math.log(0.002))
+    outside = (log_nsr[1:] >= math.log(80.0)) | (log_nsr[:-1] <= math.log(0.002))
+    torch.testing.assert_close(steps[inside], steps[inside].mean().expand(int(inside.sum())), rtol=1e-9, atol=0)
+    if outside.any():
+        torch.testing.assert_close(steps[outside] / steps[inside].mean(),
+                                   torch.full((int(outside.sum()),), 10.0, dtype=F64), rtol=1e-9, atol=0)
+    assert ts[0] == sde.T and ts[-1] == sde.eps and (ts.diff() < 0).all()
+    # tail_density = 0: the range's ends are moved onto T and eps (one step covers each tail)
+    ts0 = S.lambda_time_grid(sde, 10, sigma_min=0.002, sigma_max=80.0, tail_density=0.0, dtype=F64)
+    alpha, sigma = sde.marginal_coeffs(ts0)
     nsr = sigma / alpha
     hi, lo = min(80.0, float(nsr[0])), max(0.002, float(nsr[-1]))
     expected = torch.logspace(math.log10(hi), math.log10(lo), 11, dtype=F64)
     torch.testing.assert_close(nsr[1:-1], expected[1:-1], rtol=1e-9, atol=0)
-    assert ts[0] == sde.T and ts[-1] == sde.eps and (ts.diff() < 0).all()
 
 
 # ----- flow matching: the same ODE -----------------------------------------------------------------
