@@ -49,7 +49,7 @@ def main_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         ("PC (reverse diffusion + Langevin)", BUDGETS[1:] + SLOW, lambda sf, sde, sh, nfe, g: S.pc_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
         ("Heun in t (heun_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.heun_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
         ("DDIM (ddim_sample)", BUDGETS + SLOW[:2], lambda sf, sde, sh, nfe, g: S.ddim_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
-        ("DPM-Solver++ 3M (dpm_solver_sample)", BUDGETS + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
+        ("DPM-Solver++ (dpm_solver_sample)", BUDGETS + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
         ("EDM Heun (edm_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
     ]
 
@@ -88,18 +88,24 @@ def lms_sample(score_fn, sde, shape, n_steps, *, order=3, generator=None, dtype=
 def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
     lam_sde = lambda sde, n: S.lambda_time_grid(sde, n, dtype=F64)  # noqa: E731  (SDE's own range)
     grids = {
-        "lambda on [0.002, 80] (default)": None,
+        "lambda on [0.002, 80] (default grid)": None,
         "lambda, SDE's range": lam_sde,
         "EDM rho = 7": lambda sde, n: S.edm_time_grid(sde, n, dtype=F64),
         "uniform t": lambda sde, n: S.time_grid(sde, n, dtype=F64),
     }
     grid = lambda f, sde, n: None if f is None else f(sde, n)  # noqa: E731
     b = (5, 10, 20, 35)
-    out = []
+    out = [("DPM-Solver++ default (2M below 10 steps, 3M from 10)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+        sf, sde, sh, nfe, generator=g, dtype=F64))]
     for gname, gf in grids.items():
-        out.append((f"3M, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.dpm_solver_sample(sf, sde, sh, nfe, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
+        out.append((f"3M, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.dpm_solver_sample(
+            sf, sde, sh, nfe, order=3, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
     for gname, gf in grids.items():
-        out.append((f"DDIM, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.ddim_sample(sf, sde, sh, nfe, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
+        out.append((f"DDIM, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.ddim_sample(
+            sf, sde, sh, nfe, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
+    for gname, gf in grids.items():
+        out.append((f"EDM Heun, {gname}", b[1:], lambda sf, sde, sh, nfe, g, gf=gf: S.edm_sample(
+            sf, sde, sh, nfe // 2, ts=grid(gf, sde, nfe // 2), generator=g, dtype=F64)))
     out += [
         ("2M", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, order=2, generator=g, dtype=F64)),
         ("2S (singlestep, order schedule)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
@@ -109,15 +115,16 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         ("3S, uniform t (DPM-Solver-fast)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, len(S.dpm_solver_orders(nfe, 3)), order=S.dpm_solver_orders(nfe, 3), multistep=False,
             ts=S.time_grid(sde, len(S.dpm_solver_orders(nfe, 3)), dtype=F64), generator=g, dtype=F64)),
-        ("3M, no lower-order final steps", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, lower_order_final=False, generator=g, dtype=F64)),
-        ("3M, N - 1 steps + final x0_hat", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe - 1, denoise=True, generator=g, dtype=F64)),
+        ("3M, no lower-order final steps", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, order=3, lower_order_final=False, generator=g, dtype=F64)),
+        ("3M, N - 1 steps + final x0_hat", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe - 1, order=3, denoise=True, generator=g, dtype=F64)),
         ("DDIM, eta = 1 (stochastic)", b, lambda sf, sde, sh, nfe, g: S.ddim_sample(sf, sde, sh, nfe, eta=1.0, generator=g, dtype=F64)),
         ("DDIM, N - 1 steps + final x0_hat", b, lambda sf, sde, sh, nfe, g: S.ddim_sample(sf, sde, sh, nfe - 1, denoise=True, generator=g, dtype=F64)),
-        ("EDM Heun, rho = 7 (default)", b[1:], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
-        ("EDM Heun + final Euler to sigma = 0", b, lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, (nfe - 1) // 2, denoise=True, generator=g, dtype=F64)),
-        ("EDM Heun, lambda on [0.002, 80]", b[1:], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, ts=S._edm_range_grid(sde, nfe // 2, dtype=F64), generator=g, dtype=F64)),
+        ("EDM Heun + final Euler to sigma = 0 (EDM's last step)", b, lambda sf, sde, sh, nfe, g: S.edm_sample(
+            sf, sde, sh, (nfe - 1) // 2, denoise=True, generator=g, dtype=F64)),
+        ("EDM stochastic, S_churn = 1", b[1:], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, S_churn=1.0, generator=g, dtype=F64)),
         ("EDM stochastic, S_churn = 5", b[1:], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, S_churn=5.0, generator=g, dtype=F64)),
-        ("EDM stochastic, S_churn = 40", b[1:], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, S_churn=40.0, generator=g, dtype=F64)),
         ("LMS (Adams-Bashforth in sigma, order 3)", b, lambda sf, sde, sh, nfe, g: lms_sample(sf, sde, sh, nfe, generator=g)),
     ]
     return out

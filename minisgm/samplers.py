@@ -664,8 +664,8 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
 
 
 def _edm_range_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
-    on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`)."""
+    """The default grid of :func:`ddim_sample`, :func:`dpm_solver_sample` and :func:`edm_sample`:
+    uniform in ``lambda`` on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`)."""
     return lambda_time_grid(sde, n_steps, eps, sigma_min=0.002, sigma_max=80.0, dtype=dtype)
 
 
@@ -721,9 +721,12 @@ def ddim_sample(
     (:func:`ancestral_step`, the DDPM posterior); ``0 < eta < 1`` interpolates. ``nfe = n_steps``
     (+1 with ``denoise``: a final ``x0_hat(x_N, t_N)``).
 
-    Defaults: the EDM grid (:func:`edm_time_grid`, ``rho = 7``), measured best for DDIM at 5-50
-    NFE on the book's mixtures (``benchmarks/samplers_vs_nfe.py``), and no final denoising, which
-    measured no better at equal NFE. Book: :ref:`sec-fast-ddim`.
+    Defaults, measured with exact scores by ``benchmarks/samplers_vs_nfe.py --ablation``: the
+    grid uniform in ``lambda`` on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`),
+    shared with :func:`dpm_solver_sample` so that DDIM is its order 1 (a uniform ``t`` grid gave
+    DDIM a 30% lower energy distance but a larger log-density error, EDM's ``rho = 7`` grid
+    was worse on both); no final denoising, which at equal NFE was no better.
+    Book: :ref:`sec-fast-ddim`.
     """
     eta = check_number("eta", eta, 0.0, None)
     grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
@@ -772,6 +775,8 @@ def dpm_solver_orders(nfe: int, order: int = 3) -> List[int]:
 
 
 def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool) -> List[int]:
+    if order is None:  # the default: third order, second order on grids of fewer than 10 steps
+        order = 3 if n_steps >= 10 else 2
     if isinstance(order, int) and not isinstance(order, bool):
         orders = [check_choice("order", order, (1, 2, 3))] * n_steps
         if lower_order_final and n_steps < 10:  # at most order j + 1 in the j-th step from the end
@@ -816,7 +821,7 @@ def dpm_solver_sample(
     shape: Sequence[int],
     n_steps: int,
     *,
-    order: int | Sequence[int] = 3,
+    order: Optional[int | Sequence[int]] = None,
     multistep: bool = True,
     lower_order_final: bool = True,
     eps: Optional[float] = None,
@@ -836,7 +841,8 @@ def dpm_solver_sample(
         x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} exp(lambda) D(x_lambda, lambda) dlambda,
 
     with ``D = (x + sigma_t^2 score) / alpha_t`` approximated by a polynomial in ``lambda``:
-    order 1 is DDIM; ``multistep=True`` reuses the ``D`` of previous steps (2M: Algorithm 2,
+    order 1 is DDIM; ``order=None`` (default) is 3 with at least 10 steps and 2 with fewer;
+    ``multistep=True`` reuses the ``D`` of previous steps (2M: Algorithm 2,
     3M: the quadratic through three), one evaluation per step, ``nfe = n_steps``;
     ``multistep=False`` takes intermediate stages inside each step (2S: Algorithm 1 with
     ``r = 1/2``; 3S: stages at ``r = 1/3, 2/3``), ``nfe = sum of the orders``. ``order`` may be a
@@ -845,10 +851,14 @@ def dpm_solver_sample(
     orders 1, 2 when there are fewer than 10 steps (as the official code does), which keeps
     long final steps stable; with more steps it would cost the method its order. ``denoise`` adds a final ``x0_hat(x_N, t_N)`` (+1 NFE).
 
-    Defaults: 3M on the EDM grid (:func:`edm_time_grid`, ``rho = 7``) with lower-order final
-    steps and no final denoising: of the orders, forms, grids and last steps measured by
-    ``benchmarks/samplers_vs_nfe.py`` this reached the true-sample floor at the fewest NFE on the
-    book's mixtures for VE, VP and sub-VP. Book: :ref:`sec-fast-dpm-solver`.
+    Defaults, measured with exact scores by ``benchmarks/samplers_vs_nfe.py --ablation`` (two
+    2-D mixtures, VP, sub-VP and VE): multistep; ``order=None`` means 3M from 10 steps on and
+    2M below (3M's quadratic extrapolation over the long steps of a short grid overshoots:
+    at 5 NFE it was up to 10x further from the true-sample floor than 2M, at 10-50 NFE it
+    was the best of all forms); the grid uniform in ``lambda`` on EDM's noise range
+    ``[0.002, 80]`` (:func:`lambda_time_grid`; EDM's ``rho = 7`` grid and a uniform ``t`` grid
+    were several times worse at 10-20 NFE); lower-order final steps below 10 steps; no final
+    denoising, which at equal NFE was no better. Book: :ref:`sec-fast-dpm-solver`.
     """
     grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
     orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final)
@@ -958,16 +968,19 @@ def edm_sample(
     the last one too: EDM's final Euler step is a step to ``sigma = 0``, which here is
     ``denoise=True`` (a final ``x0_hat(x_N, t_N)``, +1 NFE).
 
-    Defaults: Heun on the EDM grid (:func:`edm_time_grid`, ``rho = 7``), deterministic
-    (``S_churn = 0``: with the exact score, churn only added error at every NFE measured by
-    ``benchmarks/samplers_vs_nfe.py``), without the final denoising. Book: :ref:`sec-fast-edm`.
+    Defaults, measured with exact scores by ``benchmarks/samplers_vs_nfe.py --ablation``: Heun;
+    the grid of :func:`ddim_sample` (uniform in ``lambda`` on EDM's noise range ``[0.002, 80]``),
+    which at 20 NFE halved the energy distance of EDM's own ``rho = 7`` grid on VP and sub-VP
+    and matched it on VE (pass ``ts=edm_time_grid(sde, n_steps)`` for the paper's); no final
+    denoising, which cost more than the step it replaces; deterministic (``S_churn = 0``):
+    with an exact score churn only adds error. Book: :ref:`sec-fast-edm`.
     """
     check_choice("order", order, (1, 2))
     S_churn = check_number("S_churn", S_churn, 0.0, None)
     S_noise = check_number("S_noise", S_noise, 0.0, None)
     if not isinstance(S_tmin, (int, float)) or not isinstance(S_tmax, (int, float)) or not 0 <= S_tmin <= S_tmax:
         raise ValueError(f"need 0 <= S_tmin <= S_tmax, got S_tmin={S_tmin!r}, S_tmax={S_tmax!r}")
-    grid = _fast_grid(sde, n_steps, eps, ts, edm_time_grid)
+    grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
     n = len(grid) - 1
     alpha, sigma = _marginals(sde, grid)
     nsr = [s / a for a, s in zip(alpha, sigma)]  # EDM's sigma_i
