@@ -88,7 +88,7 @@ def lms_sample(score_fn, sde, shape, n_steps, *, order=3, generator=None, dtype=
 def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
     lam_sde = lambda sde, n: S.lambda_time_grid(sde, n, dtype=F64)  # noqa: E731  (SDE's own range)
     grids = {
-        "lambda on [0.002, 80] (default grid)": None,
+        "lambda on [0.002, 80]": None,
         "lambda, SDE's range": lam_sde,
         "EDM rho = 7": lambda sde, n: S.edm_time_grid(sde, n, dtype=F64),
         "uniform t": lambda sde, n: S.time_grid(sde, n, dtype=F64),
