@@ -316,3 +316,38 @@ class SubVPSDE(VPSDE):
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
         log_alpha = self.log_mean_coeff(t)
         return log_alpha.exp(), -torch.expm1(2 * log_alpha)
+
+
+class RectifiedFlowSDE(SDE):
+    """The SDE whose marginals are those of the linear interpolant ``x_t = (1 - t) x_0 + t z`` (flow matching).
+
+    ``alpha_t = 1 - t``, ``sigma_t = t``: the path of rectified flow (Liu, Gong & Liu 2023) and of
+    flow matching with the conditional optimal-transport path (Lipman et al. 2023). A linear SDE
+    with these marginals has ``f(x, t) = (d log alpha_t / dt) x = -x / (1 - t)`` and
+    ``g(t)^2 = d sigma_t^2/dt - 2 (d log alpha_t/dt) sigma_t^2 = 2 t / (1 - t)``, so its
+    probability-flow velocity ``f - g^2 score / 2 = -(x + t score) / (1 - t)`` equals the flow-matching
+    velocity ``E[z - x_0 | x_t = x]`` (Tweedie). The drift is singular at ``t = 1``, so ``T`` is a
+    little below 1 (default 0.999); the prior ``N(0, T^2 I)`` then misses only the ``alpha_T x_0 =
+    0.001 x_0`` part of ``x_T``. Book: :ref:`sec-fast-flow-matching`.
+    """
+
+    eps = 1e-3
+
+    def __init__(self, T: float = 0.999, eps: Optional[float] = None):
+        self.T = check_number("T", T, 0.0, 1.0, lo_open=True, hi_open=True)
+        self._set_eps(eps)
+
+    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+        return -x / expand(1 - t, x)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return (2 * t / (1 - t)).sqrt()
+
+    def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
+        return 1 - t, t.clone()
+
+    def prior_std(self) -> float:
+        return self.T
+
+
+__all__ += ["RectifiedFlowSDE"]
