@@ -382,6 +382,9 @@ SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
     "pc": samplers.pc_sample,
     "ode": samplers.ode_sample,
     "heun": samplers.heun_sample,
+    "ddim": samplers.ddim_sample,
+    "dpm_solver": samplers.dpm_solver_sample,
+    "edm": samplers.edm_sample,
 }
 """The sampler names of the config and the command line -> the functions of :mod:`minisgm.samplers`
 (all with the shared signature ``f(score_fn, sde, shape, n_steps, **options) -> (x, nfe)``)."""

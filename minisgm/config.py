@@ -137,7 +137,7 @@ class TrainConfig:
 class SampleConfig:
     """Sample grids written during training (and the defaults of ``python -m minisgm.sample``)."""
 
-    sampler: str = "em"  # "em" (Euler-Maruyama), "pc" (predictor-corrector), "ode" (adaptive RK45), "heun" (probability-flow ODE)
+    sampler: str = "em"  # em (Euler-Maruyama), pc (predictor-corrector), ode (adaptive RK45), heun, ddim, dpm_solver (3M), edm (Heun in sigma)
     n_steps: int = 200  # discretisation steps of the reverse SDE / ODE
     n_samples: int = 64  # images in a grid (points in a 2-D scatter)
     snr: float = 0.16  # PC sampler: signal-to-noise ratio of the Langevin corrector
@@ -363,7 +363,7 @@ class Interval(typing.NamedTuple):
 
 
 TOY_DATASETS = ("two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians")
-SAMPLER_NAMES = ("em", "pc", "ode", "heun")
+SAMPLER_NAMES = ("em", "pc", "ode", "heun", "ddim", "dpm_solver", "edm")
 
 RANGES: Dict[str, Any] = {
     # a tuple: the allowed values; an Interval: the range of a number (or of each entry of a list)

@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the run's sample.sampler")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.n_steps; "
-                   "for ode, a bound on the adaptive solver's steps)")
+                   "for ode, a bound on the adaptive solver's steps; heun and edm evaluate the model twice per step)")
     p.add_argument("--snr", type=float, default=None, help="PC corrector signal-to-noise ratio")
     p.add_argument("--batch-size", type=int, default=0, help="samples per sampler call (default: all)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import traceback
 from pathlib import Path
@@ -118,13 +119,14 @@ def test_the_training_loop_reads_only_at_log_and_checkpoint_steps(tmp_path):
     assert run(2, "a") == run(7, "b")  # five more steps, not one more read
 
 
-@pytest.mark.parametrize("name", ["em", "pc", "heun", "ancestral", "reverse_diffusion"])
+@pytest.mark.parametrize("name", ["em", "pc", "heun", "ancestral", "reverse_diffusion", "ddim", "dpm_solver", "edm"])
 def test_a_sampler_step_reads_nothing_back(name):
     cfg = tiny("digits_vp", "--model.nf", "8")
     sde = build_sde(cfg.sde)
     model = build_model(cfg, sde).eval()
     f = {"em": S.euler_maruyama_sample, "pc": S.pc_sample, "heun": S.heun_sample, "ancestral": S.ancestral_sample,
-         "reverse_diffusion": S.reverse_diffusion_sample}[name]
+         "reverse_diffusion": S.reverse_diffusion_sample, "ddim": S.ddim_sample, "dpm_solver": S.dpm_solver_sample,
+         "edm": functools.partial(S.edm_sample, S_churn=1.0)}[name]
 
     def reads(n_steps):
         with host_reads() as r, torch.no_grad():

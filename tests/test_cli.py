@@ -12,6 +12,7 @@ import torch
 from conftest import run_module
 from minisgm import samplers
 from minisgm.build import SAMPLERS, generate, load_run
+from minisgm.config import SAMPLER_NAMES
 from minisgm.evaluate import main as evaluate_main
 from minisgm.images import grid_image
 from minisgm.sample import main as sample_main
@@ -32,7 +33,8 @@ def test_sample_cli_writes_npz_and_png(tiny_digits_run, tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("name, fn", [("em", samplers.euler_maruyama_sample), ("heun", samplers.heun_sample)])
+@pytest.mark.parametrize("name, fn", [("em", samplers.euler_maruyama_sample), ("heun", samplers.heun_sample),
+                                      ("dpm_solver", samplers.dpm_solver_sample), ("edm", samplers.edm_sample)])
 def test_cli_names_map_to_the_package_samplers(tiny_digits_run, name, fn):
     # The CLI's table only forwards: same seed, same numbers as calling the function directly.
     model, cfg, sde, _ = load_run(tiny_digits_run)
@@ -40,7 +42,7 @@ def test_cli_names_map_to_the_package_samplers(tiny_digits_run, name, fn):
     score = lambda x, t: model(x, t)  # noqa: E731
     ref, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, ref)
-    assert set(SAMPLERS) == {"em", "pc", "ode", "heun"}
+    assert set(SAMPLERS) == {"em", "pc", "ode", "heun", "ddim", "dpm_solver", "edm"} == set(SAMPLER_NAMES)
 
 
 def test_sample_uses_ema_weights_by_default(tiny_digits_run):
