@@ -7,6 +7,8 @@
 * Every chapter ends with an "Exercises" section of 5-8 exercises; each exercise has a
   solution (hidden in a dropdown), and at least one solution is an executed code cell with
   ``assert`` statements, so nbval checks the solutions like the rest of the chapter.
+* A parenthetical citation is not written inside parentheses, which would render as
+  "(FID, (Heusel et al., 2017))": there the bracket-less role ``{cite:alp}`` is used.
 """
 
 import base64
@@ -99,3 +101,17 @@ def test_exercises_with_hidden_checked_solutions(chapter):
         elif inside and re.search(r"^\s*assert\b", text, re.MULTILINE) and cell.get("outputs") is not None:
             checked += 1
     assert checked >= 1, "no solution code cell with an assert"
+
+
+def test_no_citation_in_double_brackets(chapter):
+    doubled = []
+    for i, cell in enumerate(cells(chapter)):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = source(cell)
+        for m in re.finditer(r"\{cite:ps?\}`[^`]+`", text):
+            paragraph = text[: m.start()].split("\n\n")[-1]
+            paragraph = re.sub(r"\$[^$]*\$", "", paragraph)  # parentheses of formulas do not count
+            if paragraph.count("(") > paragraph.count(")"):
+                doubled.append(f"cell {i}: ...{text[max(0, m.start() - 40):m.end()]}")
+    assert not doubled, "use {cite:alp} inside parentheses:\n" + "\n".join(doubled)
