@@ -827,6 +827,80 @@ def _multistep_weights(order: int, h: float, h1: float, h2: float) -> List[float
     return [-phi_1 * (j == 0) + h * phi_2 * first[j] - h**2 * phi_3 * 2 * second[j] for j in range(3)]
 
 
+def _multistep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
+    """The update of DPM-Solver++'s multistep form: the weights of every step from Python floats
+    (before the loop), the ``D`` of the last three grid times kept in a history."""
+    steps = []
+    for i, k in enumerate(orders):
+        h = lam[i + 1] - lam[i]
+        h1 = lam[i] - lam[i - 1] if i >= 1 else 0.0
+        h2 = lam[i - 1] - lam[i - 2] if i >= 2 else 0.0
+        w = [alpha[i + 1] * v for v in _multistep_weights(k, h, h1, h2)]
+        steps.append((grid[i], alpha[i], sigma[i], sigma[i + 1] / sigma[i], w))
+    it = iter(steps)
+    history: List[Tensor] = []  # D at the previous grid times, newest first
+
+    def update(x: Tensor, t: float, t_next: float) -> Tuple[Tensor, Tensor]:
+        t, a, s, ratio, w = next(it)
+        history.insert(0, D(x, t, a, s))
+        del history[3:]
+        x = ratio * x
+        for w_j, D_j in zip(w, history):
+            x = x + w_j * D_j
+        return x, x
+
+    return update
+
+
+def _singlestep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
+    """The update of DPM-Solver++'s single-step form: the stage times and weights of every step
+    from Python floats (before the loop); each step evaluates ``D`` at its stages."""
+    r_stages = {1: [], 2: [0.5], 3: [1 / 3, 2 / 3]}
+    stage_lams = [lam[i] + r * (lam[i + 1] - lam[i]) for i, k in enumerate(orders) for r in r_stages[k]]
+    stage_t = _times_of_noise_to_signal(sde, torch.tensor([-v for v in stage_lams], dtype=torch.float64).exp(),
+                                        grid[-1], grid[0]).tolist()
+    stage_a, stage_s = _marginals(sde, stage_t) if stage_t else ([], [])
+    stages = iter(zip(stage_t, stage_a, stage_s, stage_lams))
+    steps = []
+    for i, k in enumerate(orders):
+        h = lam[i + 1] - lam[i]
+        inner = []
+        for r in r_stages[k]:  # (t, alpha, sigma) of the stage and its weights on x and the D so far
+            t_r, a_r, s_r, _ = next(stages)
+            phi = math.expm1(-r * h)
+            w = [-a_r * phi]
+            if len(inner) == 1:  # second stage of 3S: + (r2/r1) alpha phi_2(r2 h) (D_1 - D_0)
+                c = r / r_stages[3][0] * a_r * (phi / (r * h) + 1)
+                w = [w[0] - c, c]
+            inner.append((t_r, a_r, s_r, s_r / sigma[i], w))
+        phi_1 = math.expm1(-h)
+        if k == 1:
+            w = [-phi_1]
+        elif k == 2:  # Algorithm 1 with r = 1/2: D at the midpoint stage
+            w = [0.0, -phi_1]
+        else:  # + (1/r2) alpha_t phi_2 (D_2 - D_0)
+            c = 1.5 * (phi_1 / h + 1)
+            w = [-phi_1 - c, 0.0, c]
+        steps.append((grid[i], alpha[i], sigma[i], inner, sigma[i + 1] / sigma[i], [alpha[i + 1] * v for v in w]))
+    it = iter(steps)
+
+    def update(x: Tensor, t: float, t_next: float) -> Tuple[Tensor, Tensor]:
+        t, a, s, inner, ratio, w = next(it)
+        Ds = [D(x, t, a, s)]
+        for t_r, a_r, s_r, ratio_r, w_r in inner:
+            u = ratio_r * x
+            for w_j, D_j in zip(w_r, Ds):
+                u = u + w_j * D_j
+            Ds.append(D(u, t_r, a_r, s_r))
+        x = ratio * x
+        for w_j, D_j in zip(w, Ds):
+            if w_j != 0.0:
+                x = x + w_j * D_j
+        return x, x
+
+    return update
+
+
 def dpm_solver_sample(
     score_fn: ScoreFn,
     sde: SDE,
@@ -879,75 +953,33 @@ def dpm_solver_sample(
     score = CountedScore(score_fn)
     D = _data_prediction(score, sde)
 
-    if multistep:
-        steps = []
-        for i, k in enumerate(orders):
-            h = lam[i + 1] - lam[i]
-            h1 = lam[i] - lam[i - 1] if i >= 1 else 0.0
-            h2 = lam[i - 1] - lam[i - 2] if i >= 2 else 0.0
-            w = [alpha[i + 1] * v for v in _multistep_weights(k, h, h1, h2)]
-            steps.append((grid[i], alpha[i], sigma[i], sigma[i + 1] / sigma[i], w))
-        it = iter(steps)
-        history: List[Tensor] = []  # D at the previous grid times, newest first
-
-        def update(x: Tensor, t: float, t_next: float) -> Tuple[Tensor, Tensor]:
-            t, a, s, ratio, w = next(it)
-            history.insert(0, D(x, t, a, s))
-            del history[3:]
-            x = ratio * x
-            for w_j, D_j in zip(w, history):
-                x = x + w_j * D_j
-            return x, x
-    else:
-        r_stages = {1: [], 2: [0.5], 3: [1 / 3, 2 / 3]}
-        stage_lams = [lam[i] + r * (lam[i + 1] - lam[i]) for i, k in enumerate(orders) for r in r_stages[k]]
-        stage_t = _times_of_noise_to_signal(sde, torch.tensor([-v for v in stage_lams], dtype=torch.float64).exp(),
-                                            grid[-1], grid[0]).tolist()
-        stage_a, stage_s = _marginals(sde, stage_t) if stage_t else ([], [])
-        stages = iter(zip(stage_t, stage_a, stage_s, stage_lams))
-        steps = []
-        for i, k in enumerate(orders):
-            h = lam[i + 1] - lam[i]
-            inner = []
-            for r in r_stages[k]:  # (t, alpha, sigma) of the stage and its weights on x and the D so far
-                t_r, a_r, s_r, _ = next(stages)
-                phi = math.expm1(-r * h)
-                w = [-a_r * phi]
-                if len(inner) == 1:  # second stage of 3S: + (r2/r1) alpha phi_2(r2 h) (D_1 - D_0)
-                    c = r / r_stages[3][0] * a_r * (phi / (r * h) + 1)
-                    w = [w[0] - c, c]
-                inner.append((t_r, a_r, s_r, s_r / sigma[i], w))
-            phi_1 = math.expm1(-h)
-            if k == 1:
-                w = [-phi_1]
-            elif k == 2:  # Algorithm 1 with r = 1/2: D at the midpoint stage
-                w = [0.0, -phi_1]
-            else:  # + (1/r2) alpha_t phi_2 (D_2 - D_0)
-                c = 1.5 * (phi_1 / h + 1)
-                w = [-phi_1 - c, 0.0, c]
-            steps.append((grid[i], alpha[i], sigma[i], inner, sigma[i + 1] / sigma[i], [alpha[i + 1] * v for v in w]))
-        it = iter(steps)
-
-        def update(x: Tensor, t: float, t_next: float) -> Tuple[Tensor, Tensor]:
-            t, a, s, inner, ratio, w = next(it)
-            Ds = [D(x, t, a, s)]
-            for t_r, a_r, s_r, ratio_r, w_r in inner:
-                u = ratio_r * x
-                for w_j, D_j in zip(w_r, Ds):
-                    u = u + w_j * D_j
-                Ds.append(D(u, t_r, a_r, s_r))
-            x = ratio * x
-            for w_j, D_j in zip(w, Ds):
-                if w_j != 0.0:
-                    x = x + w_j * D_j
-            return x, x
-
+    plan = _multistep_plan if multistep else _singlestep_plan
+    update = plan(sde, grid, orders, alpha, sigma, lam, D)
     x, _ = sample_loop(update, _initial_state(sde, shape, x_init, generator, device, dtype), grid, callback)
     x = _denoised(D, x, denoise, grid[-1], alpha[-1], sigma[-1])
     return _finished(x, score.nfe, "dpm_solver_sample")
 
 
 # ----- EDM: Euler / Heun in (y, sigma), and the stochastic sampler -----------------------------
+def _churn_times(sde: SDE, grid: List[float], nsr: List[float], S_churn: float, S_tmin: float,
+                 S_tmax: float) -> List[float]:
+    """The times ``t_hat_i`` that EDM's stochastic sampler starts its steps from (Algorithm 2):
+    the noise-to-signal ratio ``nsr_i`` raised to ``(1 + gamma_i) nsr_i`` (capped at ``sde.T``'s)."""
+    n = len(grid) - 1
+    # Churn: raise sigma_i to sigma_hat_i = (1 + gamma_i) sigma_i, i.e. go back to the time t_hat_i.
+    gamma = [min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= nsr[i] <= S_tmax else 0.0 for i in range(n)]
+    nsr_max = nsr[0] if grid[0] == sde.T else _marginals(sde, [sde.T])[1][0] / _marginals(sde, [sde.T])[0][0]
+    nsr_hat = [min((1 + g) * s, max(nsr_max, s)) for g, s in zip(gamma, nsr)]
+    churned = [i for i in range(n) if nsr_hat[i] > nsr[i]]
+    t_hat = list(grid[:n])
+    if churned:
+        found = _times_of_noise_to_signal(sde, torch.tensor([nsr_hat[i] for i in churned], dtype=torch.float64),
+                                          grid[-1], sde.T).tolist()
+        for i, t in zip(churned, found):
+            t_hat[i] = t
+    return t_hat
+
+
 def edm_sample(
     score_fn: ScoreFn,
     sde: SDE,
@@ -999,17 +1031,7 @@ def edm_sample(
     n = len(grid) - 1
     alpha, sigma = _marginals(sde, grid)
     nsr = [s / a for a, s in zip(alpha, sigma)]  # EDM's sigma_i
-    # Churn: raise sigma_i to sigma_hat_i = (1 + gamma_i) sigma_i, i.e. go back to the time t_hat_i.
-    gamma = [min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= nsr[i] <= S_tmax else 0.0 for i in range(n)]
-    nsr_max = nsr[0] if grid[0] == sde.T else _marginals(sde, [sde.T])[1][0] / _marginals(sde, [sde.T])[0][0]
-    nsr_hat = [min((1 + g) * s, max(nsr_max, s)) for g, s in zip(gamma, nsr)]
-    churned = [i for i in range(n) if nsr_hat[i] > nsr[i]]
-    t_hat = list(grid[:n])
-    if churned:
-        found = _times_of_noise_to_signal(sde, torch.tensor([nsr_hat[i] for i in churned], dtype=torch.float64),
-                                          grid[-1], sde.T).tolist()
-        for i, t in zip(churned, found):
-            t_hat[i] = t
+    t_hat = _churn_times(sde, grid, nsr, S_churn, S_tmin, S_tmax)
     a_hat, s_hat = _marginals(sde, t_hat)
     nsr_hat = [s / a for a, s in zip(a_hat, s_hat)]  # consistent with the times actually used
     steps = iter([
