@@ -301,6 +301,29 @@ def test_attention_block_matches_explicit_softmax():
     assert torch.allclose(block(xp).reshape(B, C, -1), block(x).reshape(B, C, -1)[..., perm], atol=1e-12)
 
 
+def test_half_precision_attention_runs_on_any_cpu_in_float32():
+    # PyTorch 2.13's CPU bf16 attention kernel needs AVX-512: with the generic or AVX2 kernels
+    # (make test's second pass, an AVX2 CPU) it raises. dot_product_attention computes CPU
+    # half-precision attention in float32, under autocast as with bf16 tensors.
+    from minisgm.models.embeddings import dot_product_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 64, 16, generator=g) for _ in range(3))
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = dot_product_attention(qb, kb, vb)
+    exact = torch.softmax(qb.float() @ kb.float().transpose(-1, -2) / 4.0, dim=-1) @ vb.float()
+    assert out.dtype == torch.bfloat16  # computed in float32, rounded once to bf16:
+    assert torch.allclose(out.float(), exact, rtol=2**-8, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dot_product_attention(q, k, v)
+    assert torch.allclose(out.float(), ref, atol=1e-6)  # float32 inputs stay float32 inside
+    block = AttentionBlock(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(torch.randn(2, 16, 8, 8, generator=g))
+    assert y.shape == (2, 16, 8, 8) and torch.isfinite(y).all()
+
+
 # ----- classifiers --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_shape", [2, (1, 8, 8)], ids=["mlp", "conv"])

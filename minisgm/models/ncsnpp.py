@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minisgm.models.embeddings import GaussianFourierProjection, check_marginal_std
+from minisgm.models.embeddings import GaussianFourierProjection, check_marginal_std, dot_product_attention
 from minisgm.checks import check_values
 from minisgm.sde import batch_time
 
@@ -482,7 +482,8 @@ class AttentionBlock(nn.Module):
     ``out = x + W_o softmax(q^T k / sqrt(C)) v`` (divided by sqrt(2) with ``skip_rescale``).
 
     Shapes: ``x [B, C, H, W] -> [B, C, H, W]``. Computed with ``scaled_dot_product_attention``
-    (flash / memory-efficient kernels on GPU).
+    (flash / memory-efficient kernels on GPU; float32 for bf16 on the CPU, see
+    :func:`~minisgm.models.embeddings.dot_product_attention`).
     """
 
     def __init__(self, ch: int, skip_rescale: bool = True, init_scale: float = 0.0):
@@ -500,7 +501,7 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # [B, 1 head, HW, C] each
-        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        a = dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         h = self.proj(a.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
         return (x + h) / _SQRT2 if self.skip_rescale else x + h
 

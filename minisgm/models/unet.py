@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std, condition_embedding
+from .embeddings import (
+    ClassEmbedding,
+    TimeEmbedding,
+    batch_condition,
+    check_marginal_std,
+    condition_embedding,
+    dot_product_attention,
+)
 
 __all__ = ["SmallUNet", "ResBlock", "AttentionBlock"]
 
@@ -49,8 +56,8 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Residual multi-head self-attention over the ``H*W`` pixels (Vaswani et al. 2017).
 
-    Uses :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
-    where one is available.
+    Uses :func:`~minisgm.models.embeddings.dot_product_attention`
+    (``scaled_dot_product_attention``, which picks a fused kernel where one is available).
     """
 
     def __init__(self, channels: int, num_heads: int = 1):
@@ -66,7 +73,7 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).unbind(1)
         # [B, heads, tokens, head_dim] as scaled_dot_product_attention expects.
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
