@@ -19,7 +19,9 @@ BROKEN = f"""<!doctype html><html><head><title>broken</title>
 <script>const THEBE_JS_URL = "x";</script>
 <script>const THEBE_JS_URL = "x";</script>
 </head><body>{SEARCH}{SEARCH}<img src="missing.woff2.png">
-<script>console.error("something broke");</script></body></html>"""
+<script>console.error("something broke");</script>
+<div class="highlight"><pre style="width: 300px">{"x = 1  # " + "a long line " * 40}</pre></div>
+<div class="highlight"><pre style="width: 300px">short = 1</pre></div></body></html>"""
 
 
 def check(html: Path) -> subprocess.CompletedProcess:
@@ -39,6 +41,7 @@ def test_check_pages_reports_console_errors_failed_files_and_search_boxes(tmp_pa
     assert "console.error: something broke" in bad
     assert "failed to load book/missing.woff2.png" in bad
     assert "2 visible search boxes" in bad
+    assert "1 of 2 code/output blocks scroll sideways at 1280 px" in bad and "x = 1  # a long line" in bad
     assert "ok   book/good.html: 0 errors" in run.stdout
     assert "2 pages opened" in run.stdout and "1 with errors" in run.stdout
 

@@ -1,7 +1,7 @@
 """Open every page of the rendered book in headless Chromium and report what a reader's browser
 console would show: uncaught exceptions, console errors, files that failed to load. Also checks
-that a page shows one search box, that its stored widgets rendered, and that a search finds
-something.
+that a page shows one search box, that its stored widgets rendered, that no code or output
+block scrolls sideways in a 1280-px window, and that a search finds something.
 
     python tools/check_pages.py [_build/html] [--screenshots DIR]
 
@@ -37,8 +37,15 @@ PAGE_FACTS = """(() => {
   const views = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]');
   const rendered = [...document.querySelectorAll('.widget-subarea')].filter((e) => e.children.length > 0);
   const results = document.querySelectorAll('#search-results li').length;
+  // code and printed output that scroll sideways in the article column (a 1280-px window)
+  const blocks = [...document.querySelectorAll('div.highlight pre, div.cell_output pre, div.output pre')]
+    .filter(visible);
+  const wide = blocks.filter((p) => p.scrollWidth > p.clientWidth + 1).map((p) =>
+    `${p.scrollWidth - p.clientWidth} px: ` +
+    p.textContent.split('\\n').reduce((a, b) => (a.length >= b.length ? a : b)).trim().slice(0, 50));
   return JSON.stringify({search_boxes: search.length, widget_views: views.length,
-                         widgets_rendered: rendered.length, search_results: results});
+                         widgets_rendered: rendered.length, search_results: results,
+                         code_blocks: blocks.length, wide_blocks: wide});
 })()"""
 
 
@@ -196,6 +203,9 @@ def check_page(browser: Browser, url: str, root: Path, settle: float, timeout: f
         errors.append(f"{facts['search_boxes']} visible search boxes (one expected)")
     if facts["widgets_rendered"] < facts["widget_views"]:
         errors.append(f"{facts['widgets_rendered']} of {facts['widget_views']} stored widgets rendered")
+    if facts["wide_blocks"]:
+        errors.append(f"{len(facts['wide_blocks'])} of {facts['code_blocks']} code/output blocks scroll sideways "
+                      f"at 1280 px, e.g. " + "; ".join(facts["wide_blocks"][:3]))
     if screenshot is not None:
         data = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
         screenshot.write_bytes(base64.b64decode(data))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 from typing import Iterable, List
 
@@ -220,8 +221,17 @@ def _add_static(app, config):
     config.html_static_path.append(str(Path(__file__).parent / "static"))
 
 
+def _refresh_static(app, exception):
+    """Sphinx does not overwrite a static file that an earlier build copied: copy the book's CSS
+    again, so that an incremental build shows an edit of it."""
+    if exception is None and app.builder.format == "html":
+        for f in (Path(__file__).parent / "static").iterdir():
+            shutil.copyfile(f, Path(app.outdir) / "_static" / f.name)
+
+
 def setup(app):
     app.connect("config-inited", _add_static)
+    app.connect("build-finished", _refresh_static)
     app.add_css_file("minisgm_book.css")
     pybtex.plugin.register_plugin("pybtex.style.labels", "minisgm_author_year", AuthorYearLabelStyle)
     pybtex.plugin.register_plugin("pybtex.style.formatting", "minisgm", MinisgmStyle)
