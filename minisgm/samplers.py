@@ -116,6 +116,24 @@ def time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, device=None, 
     return torch.linspace(sde.T, _eps(sde, eps), n_steps + 1, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def _noise_to_signal(sde: SDE, t: Tensor) -> Tensor:
+    alpha, sigma = sde.marginal_coeffs(t)
+    return sigma / alpha
+
+
+def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) -> Tensor:
+    """Times ``t`` in ``[lo, hi]`` with ``sigma_t / alpha_t = target`` (float64 bisection; the ratio
+    increases with t). Values outside the range end at its ends."""
+    lo_t = torch.full_like(target, lo)
+    hi_t = torch.full_like(target, hi)
+    for _ in range(100):  # halves the bracket 100 times: float64 resolution
+        mid = 0.5 * (lo_t + hi_t)
+        above = _noise_to_signal(sde, mid) > target
+        hi_t = torch.where(above, mid, hi_t)
+        lo_t = torch.where(above, lo_t, mid)
+    return 0.5 * (lo_t + hi_t)
+
+
 def edm_time_grid(
     sde: SDE, n_steps: int, rho: float = 7.0, eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -131,22 +149,10 @@ def edm_time_grid(
     n_steps = check_int("n_steps", n_steps)
     eps = _eps(sde, eps)
     rho = check_positive("rho", rho)
-
-    def sigma(t: Tensor) -> Tensor:
-        alpha, sigma_t = sde.marginal_coeffs(t)
-        return sigma_t / alpha
-
-    ends = sigma(torch.tensor([sde.T, eps], dtype=torch.float64))
+    ends = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
     i = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
     target = (ends[0] ** (1 / rho) + i * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
-    lo = torch.full_like(target, eps)
-    hi = torch.full_like(target, sde.T)
-    for _ in range(100):  # bisection to float64 resolution; sigma is increasing in t
-        mid = 0.5 * (lo + hi)
-        above = sigma(mid) > target
-        hi = torch.where(above, mid, hi)
-        lo = torch.where(above, lo, mid)
-    ts = 0.5 * (lo + hi)
+    ts = _times_of_noise_to_signal(sde, target, eps, sde.T)
     ts[0], ts[-1] = sde.T, eps  # exact end points
     return ts.to(device=device, dtype=dtype)
 
@@ -604,24 +610,6 @@ def _marginals(sde: SDE, ts: Sequence[float]) -> Tuple[List[float], List[float]]
     return alpha.tolist(), sigma.tolist()
 
 
-def _noise_to_signal(sde: SDE, t: Tensor) -> Tensor:
-    alpha, sigma = sde.marginal_coeffs(t)
-    return sigma / alpha
-
-
-def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) -> Tensor:
-    """Times ``t`` in ``[lo, hi]`` with ``sigma_t / alpha_t = target`` (float64 bisection; the ratio
-    increases with t). Values outside the range end at its ends."""
-    lo_t = torch.full_like(target, lo)
-    hi_t = torch.full_like(target, hi)
-    for _ in range(100):  # halves the bracket 100 times: float64 resolution
-        mid = 0.5 * (lo_t + hi_t)
-        above = _noise_to_signal(sde, mid) > target
-        hi_t = torch.where(above, mid, hi_t)
-        lo_t = torch.where(above, lo_t, mid)
-    return 0.5 * (lo_t + hi_t)
-
-
 def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sigma_min: Optional[float] = None,
                      sigma_max: Optional[float] = None, tail_density: float = 0.1, device=None,
                      dtype: torch.dtype = torch.float32) -> Tensor:
@@ -827,7 +815,7 @@ def _multistep_weights(order: int, h: float, h1: float, h2: float) -> List[float
     return [-phi_1 * (j == 0) + h * phi_2 * first[j] - h**2 * phi_3 * 2 * second[j] for j in range(3)]
 
 
-def _multistep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
+def _multistep_plan(grid, orders, alpha, sigma, lam, D) -> Update:
     """The update of DPM-Solver++'s multistep form: the weights of every step from Python floats
     (before the loop), the ``D`` of the last three grid times kept in a history."""
     steps = []
@@ -860,13 +848,13 @@ def _singlestep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
     stage_t = _times_of_noise_to_signal(sde, torch.tensor([-v for v in stage_lams], dtype=torch.float64).exp(),
                                         grid[-1], grid[0]).tolist()
     stage_a, stage_s = _marginals(sde, stage_t) if stage_t else ([], [])
-    stages = iter(zip(stage_t, stage_a, stage_s, stage_lams))
+    stages = iter(zip(stage_t, stage_a, stage_s))
     steps = []
     for i, k in enumerate(orders):
         h = lam[i + 1] - lam[i]
         inner = []
         for r in r_stages[k]:  # (t, alpha, sigma) of the stage and its weights on x and the D so far
-            t_r, a_r, s_r, _ = next(stages)
+            t_r, a_r, s_r = next(stages)
             phi = math.expm1(-r * h)
             w = [-a_r * phi]
             if len(inner) == 1:  # second stage of 3S: + (r2/r1) alpha phi_2(r2 h) (D_1 - D_0)
@@ -953,8 +941,10 @@ def dpm_solver_sample(
     score = CountedScore(score_fn)
     D = _data_prediction(score, sde)
 
-    plan = _multistep_plan if multistep else _singlestep_plan
-    update = plan(sde, grid, orders, alpha, sigma, lam, D)
+    if multistep:
+        update = _multistep_plan(grid, orders, alpha, sigma, lam, D)
+    else:
+        update = _singlestep_plan(sde, grid, orders, alpha, sigma, lam, D)
     x, _ = sample_loop(update, _initial_state(sde, shape, x_init, generator, device, dtype), grid, callback)
     x = _denoised(D, x, denoise, grid[-1], alpha[-1], sigma[-1])
     return _finished(x, score.nfe, "dpm_solver_sample")
@@ -968,7 +958,11 @@ def _churn_times(sde: SDE, grid: List[float], nsr: List[float], S_churn: float, 
     n = len(grid) - 1
     # Churn: raise sigma_i to sigma_hat_i = (1 + gamma_i) sigma_i, i.e. go back to the time t_hat_i.
     gamma = [min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= nsr[i] <= S_tmax else 0.0 for i in range(n)]
-    nsr_max = nsr[0] if grid[0] == sde.T else _marginals(sde, [sde.T])[1][0] / _marginals(sde, [sde.T])[0][0]
+    if grid[0] == sde.T:
+        nsr_max = nsr[0]
+    else:
+        (a_T,), (s_T,) = _marginals(sde, [sde.T])
+        nsr_max = s_T / a_T
     nsr_hat = [min((1 + g) * s, max(nsr_max, s)) for g, s in zip(gamma, nsr)]
     churned = [i for i in range(n) if nsr_hat[i] > nsr[i]]
     t_hat = list(grid[:n])

@@ -222,8 +222,9 @@ def _add_static(app, config):
 
 
 def _refresh_static(app, exception):
-    """Sphinx does not overwrite a static file that an earlier build copied: copy the book's CSS
-    again, so that an incremental build shows an edit of it."""
+    """Copy the book's CSS again after every build: an incremental build in which no page is out
+    of date returns before Sphinx copies the static files, so an edit of the CSS alone would
+    not reach the HTML."""
     if exception is None and app.builder.format == "html":
         for f in (Path(__file__).parent / "static").iterdir():
             shutil.copyfile(f, Path(app.outdir) / "_static" / f.name)

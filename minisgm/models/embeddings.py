@@ -197,22 +197,23 @@ def check_marginal_std(std: Tensor, batch: int) -> Tensor:
     return std
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` over the last two dimensions (``[..., tokens, d]``), with
     :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on GPU).
 
     On the CPU, half-precision inputs (bf16 autocast) are computed in float32: PyTorch 2.13's
-    CPU bf16 kernel needs AVX-512 and fails on CPUs or kernel sets without it
-    ("pack_vnni2 is only supported when avx512 is supported"), and the CPU gains nothing from
-    bf16 attention. The result has the dtype of ``v``.
+    CPU bf16 kernel raised "pack_vnni2 is only supported when avx512 is supported" under the
+    generic and AVX2 kernel sets (``ATEN_CPU_CAPABILITY``), the stand-ins for CPUs without
+    AVX-512. The result has the dtype of ``v``.
     """
     if q.device.type == "cpu" and (q.dtype in _HALF or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
-
-_HALF = (torch.float16, torch.bfloat16)
 
 __all__ += ["TimeEmbedding", "ClassEmbedding", "batch_condition", "condition_embedding", "check_marginal_std",
             "dot_product_attention"]
