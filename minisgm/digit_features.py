@@ -17,15 +17,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "digits_split",
-    "DigitClassifier",
-    "digit_classifier",
-    "digit_features",
-    "classify_digits",
-    "frechet_distance",
-    "gaussian_stats",
-    "digits_frechet_distance",
-    "nearest_neighbour_distances",
+    "digits_split", "DigitClassifier", "digit_classifier", "digit_features", "classify_digits",
+    "frechet_distance", "gaussian_stats", "digits_frechet_distance", "nearest_neighbour_distances",
 ]
 
 FEATURE_DIM = 64
