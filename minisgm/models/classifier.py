@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_int
 from .embeddings import TimeEmbedding, batch_condition
 from .unet import ResBlock, group_norm
 
@@ -40,17 +41,14 @@ class TimeConditionedClassifier(nn.Module):
         cond: str = "t",
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_int("num_classes", num_classes, 2)
         is_int = isinstance(in_shape, int) and not isinstance(in_shape, bool)
         shape = (in_shape,) if is_int else tuple(in_shape)
         if len(shape) not in (1, 3) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"in_shape must be d (vectors) or (C, H, W) (images), got {in_shape!r}")
         self.in_shape = shape
         if len(shape) == 1:
-            if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-                raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+            check_int("n_layers", n_layers)
             self.time_embed = TimeEmbedding(hidden, embed_dim=embed_dim, embedding=embedding, cond=cond)
             self.inp = nn.Linear(shape[0], hidden)
             self.hidden_layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_layers - 1))
