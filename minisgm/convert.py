@@ -3,24 +3,13 @@
     python -m minisgm.convert checkpoint_26.pth --preset cifar10_ncsnpp_ve --out runs/score-sde-ve
     python -m minisgm.sample --ckpt runs/score-sde-ve --sampler pc --steps 1000 --n 64
 
-The official PyTorch code of the score-SDE paper trains the same NCSN++ / DDPM++ networks as
-:class:`minisgm.models.ncsnpp.NCSNpp`, built layer for layer in the same order, but stores
-them as one flat list (``all_modules.K.*``) whose attention blocks have separate q, k, v and
-output layers of the form ``y = x W + b`` (``NIN``, ``W [in, out]``). This module maps such a
-state dict onto minisgm's names: the k-th entry of the list is the k-th module of
-:func:`reference_order`, ``NIN`` weights become 1x1 convolutions with weight ``W^T``, and q, k,
-v are stacked into one ``qkv`` convolution. ``benchmarks/vs_score_sde.py`` checks with the
-official code that both networks then compute the same function; the tests check it on small
-networks saved by that code.
-
-A checkpoint of the official code (``{"model", "ema", "optimizer", "step"}``) is read with
-``torch.load(..., weights_only=True)``. Its EMA (``shadow_params``: the trainable parameters in
-order, which leaves out the fixed Fourier frequencies) becomes the run's ``ema`` weights and
-its raw weights the run's ``model``. The optimizer state is not converted: an imported run
-samples and evaluates, but does not resume training. Networks trained by that code condition
-on the VE noise scale ``sigma(t)`` rather than on the exact marginal std
-``sqrt(sigma(t)^2 - sigma_min^2)``, so VE runs are imported with ``sde.exact_variance=false``.
-Book: :ref:`sec-official-checkpoints`.
+The official code stores the networks of :class:`minisgm.models.ncsnpp.NCSNpp`, layer for
+layer in the same order, as one flat list ``all_modules.K.*``: the K-th entry is the K-th module
+of :func:`reference_order`; its ``NIN`` layers (``y = x W + b``) become 1x1 convolutions with
+weight ``W^T`` and the attention's q, k, v one ``qkv`` convolution. The EMA becomes the run's
+``ema``; the optimizer state is not converted (an imported run samples but does not resume).
+VE runs are imported with ``sde.exact_variance=false``: those networks condition on ``sigma(t)``,
+not on the exact marginal std. Book: :ref:`sec-official-checkpoints`.
 """
 
 from __future__ import annotations
@@ -50,12 +39,7 @@ _KEY = re.compile(r"^(?:module\.)?all_modules\.(\d+)\.(.+)$")
 
 
 def reference_order(model: NCSNpp) -> List[Tuple[str, nn.Module]]:
-    """``(name, module)`` of the modules of ``model`` in the order of the reference's ``all_modules``.
-
-    Embedding (Fourier projection, two dense layers), input conv, each down level (blocks with
-    their attention, the downsampling block, the input-pyramid layer), the middle, each up
-    level (blocks, attention, output-pyramid layers, the upsampling block), output norm and conv.
-    """
+    """``(name, module)`` of the modules of ``model`` in the order of the reference's ``all_modules``."""
     if model.class_embed is not None:
         raise ValueError("score_sde_pytorch's NCSN++ has no class embedding: use an unconditional model")
     units: List[nn.Module] = [model.fourier] if model.fourier is not None else []
@@ -88,11 +72,7 @@ def _grouped(ref_state: Mapping[str, Tensor]) -> List[List[Tuple[str, Tensor]]]:
 
 
 def convert_state_dict(ref_state: Mapping[str, Tensor], model: NCSNpp) -> Dict[str, Tensor]:
-    """A score_sde_pytorch NCSN++ state dict -> the state dict of ``model`` (same architecture).
-
-    Raises:
-        ValueError: if the two do not have the same modules and tensor sizes (another config).
-    """
+    """A score_sde_pytorch NCSN++ state dict -> the state dict of ``model`` (ValueError: another config)."""
     groups = _grouped(ref_state)
     units = reference_order(model)
     if len(groups) != len(units):
@@ -120,8 +100,8 @@ def convert_state_dict(ref_state: Mapping[str, Tensor], model: NCSNpp) -> Dict[s
 def ema_state_dict(ref_state: Mapping[str, Tensor], shadow_params: Sequence[Tensor], fourier: bool) -> Dict[str, Tensor]:
     """The reference's model state dict with its trainable tensors replaced by the EMA's.
 
-    ``shadow_params`` follows the reference's parameter order, trainable parameters only: all
-    ``all_modules`` tensors except the fixed Fourier frequencies ``all_modules.0.W``.
+    ``shadow_params``: the trainable ``all_modules`` tensors in order, i.e. without the fixed
+    Fourier frequencies ``all_modules.0.W``.
     """
     keys = [k for k in ref_state if _KEY.match(k)]
     if fourier:
@@ -152,14 +132,10 @@ def _load_reference_checkpoint(path: Path) -> Mapping:
 def import_checkpoint(path: str | Path, cfg: Config) -> Dict:
     """Read a score_sde_pytorch checkpoint into a minisgm checkpoint dict for config ``cfg``.
 
-    Returns ``{"step", "config", "model", "ema", "imported_from"}`` (EMA = raw weights if the
-    file has no EMA), ready for :func:`minisgm.checkpoint.save_checkpoint`; both state dicts
-    are loaded into a model built from ``cfg`` to check that they fit. The returned config is
-    ``cfg`` with ``sde.exact_variance = False`` for VE (the official convention).
-
-    Raises:
-        CheckpointError: unreadable file, or weights that do not fit ``cfg``'s model.
-        ConfigError: ``cfg`` does not describe an unconditional NCSN++ / DDPM++ network.
+    Returns ``{"step", "config", "model", "ema", "imported_from"}`` for
+    :func:`minisgm.checkpoint.save_checkpoint` (EMA = raw weights if the file has none; for VE
+    the config has ``sde.exact_variance = False``). Raises ``CheckpointError`` (unreadable file,
+    weights that do not fit) or ``ConfigError`` (not an unconditional NCSN++ / DDPM++ config).
     """
     if not isinstance(cfg.model, NCSNppConfig):
         raise ConfigError("score_sde_pytorch checkpoints hold NCSN++/DDPM++ networks: choose a preset with an "

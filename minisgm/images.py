@@ -1,8 +1,4 @@
-"""Pictures of samples: image grids and scatter plots written as PNG files.
-
-Used by training (the sample grid of each interval, titled with its step) and by
-``python -m minisgm.sample``. Book: :ref:`sec-scaling-up`.
-"""
+"""Pictures of samples: image grids and scatter plots written as PNG files. Book: :ref:`sec-scaling-up`."""
 
 from __future__ import annotations
 
@@ -20,9 +16,8 @@ __all__ = ["grid_image", "save_grid", "save_scatter"]
 def grid_image(images: Tensor | np.ndarray, ncol: Optional[int] = None, pad: int = 0, scale: int = 0) -> np.ndarray:
     """Tile images ``[N, C, H, W]`` with values in ``[0, 1]`` into one ``[rows*H, cols*W, 3]`` uint8 array.
 
-    ``scale`` repeats pixels (nearest neighbour) so small images stay visible; 0 picks
-    ``max(1, 64 // H)``. ``pad`` is the grey gap between images in output pixels (0: ``max(1, scale // 2)``):
-    grey, so that it shows between black and between white images.
+    ``scale`` repeats pixels so small images stay visible (0: ``max(1, 64 // H)``); ``pad`` is the
+    gap between images in output pixels (0: ``max(1, scale // 2)``), grey to show on black and white.
     """
     x = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] not in (1, 3):

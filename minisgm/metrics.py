@@ -1,10 +1,7 @@
 """Sample-based distances between two point clouds: energy distance, MMD, sliced Wasserstein.
 
-Used to check samplers against fresh samples of the true distribution (toy data) and in the
-experiments chapter. Inputs are ``x [N, ...]`` and ``y [M, ...]`` with the same trailing
-shape; they are flattened to ``[N, D]`` and ``[M, D]``. Computations follow x's device and
-run in at least float32 (pairwise distances are formed in blocks to bound memory).
-Book: :ref:`sec-metrics`.
+Inputs ``x [N, ...]`` and ``y [M, ...]`` with the same trailing shape are flattened to ``[N, D]``
+and ``[M, D]``; computations follow x's device in at least float32. Book: :ref:`sec-metrics`.
 """
 
 from __future__ import annotations
@@ -58,13 +55,11 @@ def _self_mean(a: Tensor, fn, unbiased: bool, diag_value: float) -> Tensor:
 
 
 def energy_distance(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
-    """Squared energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Szekely & Rizzo 2013).
+    """Squared energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Szekely & Rizzo 2013), 0-d.
 
-    Zero iff the two laws are equal. The default is the V-statistic (all pairs, including
-    ``i = j``): the energy distance between the two *empirical* measures, always ``>= 0`` and
-    exactly 0 for identical sets, but biased upwards by about ``E|X-X'|/N + E|Y-Y'|/M``.
-    ``unbiased=True`` gives the U-statistic (within-set pairs ``i != j``), whose mean is the
-    population value (it can be slightly negative). Returns a 0-d tensor.
+    Default: the V-statistic (all pairs), ``>= 0`` but biased upwards by about
+    ``E|X-X'|/N + E|Y-Y'|/M``; ``unbiased=True``: the U-statistic (pairs ``i != j``), which can be
+    slightly negative.
     """
     x, y = _pair(x, y, min_size=2 if unbiased else 1)
     ident = lambda d: d  # noqa: E731
@@ -87,20 +82,13 @@ def _median_distance(x: Tensor, y: Tensor, max_points: int = 2000) -> Tensor:
     return med
 
 
-def mmd(
-    x: Tensor,
-    y: Tensor,
-    bandwidths: Optional[float | Sequence[float]] = None,
-    unbiased: bool = False,
-) -> Tensor:
-    """Squared maximum mean discrepancy with a (multi-bandwidth) Gaussian kernel.
+def mmd(x: Tensor, y: Tensor, bandwidths: Optional[float | Sequence[float]] = None,
+        unbiased: bool = False) -> Tensor:
+    """Squared maximum mean discrepancy with a (multi-bandwidth) Gaussian kernel, 0-d.
 
-    ``MMD^2 = E k(X, X') + E k(Y, Y') - 2 E k(X, Y)`` (Gretton et al. 2012, JMLR) with
-    ``k(a, b) = 1/H sum_h exp(-|a - b|^2 / (2 h^2))``: the biased V-statistic by default, the
-    unbiased U-statistic (pairs ``i != j`` within each set) with ``unbiased=True``.
-    ``bandwidths=None`` uses the median heuristic ``h_med`` (median pairwise distance of the
-    pooled sample) at scales ``h_med * (0.5, 1, 2)``; a float or sequence sets them directly.
-    Returns a 0-d tensor in ``[0, 2]`` (V-statistic).
+    ``k(a, b) = 1/H sum_h exp(-|a - b|^2 / (2 h^2))`` (Gretton et al. 2012); V- or (``unbiased``)
+    U-statistic as in :func:`energy_distance`. ``bandwidths=None``: ``h_med * (0.5, 1, 2)`` with
+    ``h_med`` the median pairwise distance of the pooled sample.
     """
     x, y = _pair(x, y, min_size=2 if unbiased else 1)
     if bandwidths is None:
@@ -123,9 +111,8 @@ def mmd(
 def _wasserstein_1d_pp(a: Tensor, b: Tensor, p: float) -> Tensor:
     """``W_p^p`` between 1-D empirical measures, column by column: ``a [N, P]``, ``b [M, P]``.
 
-    ``W_p^p = int_0^1 |F_a^-1(u) - F_b^-1(u)|^p du``; both quantile functions are step
-    functions, constant between the merged breakpoints ``{i/N} U {j/M}``, so the integral is an
-    exact finite sum. For ``N == M`` it reduces to ``mean |sort(a) - sort(b)|^p``.
+    ``int_0^1 |F_a^-1(u) - F_b^-1(u)|^p du`` is an exact finite sum over the merged quantile
+    breakpoints ``{i/N} U {j/M}`` (``mean |sort(a) - sort(b)|^p`` for ``N == M``).
     """
     a, _ = torch.sort(a, dim=0)
     b, _ = torch.sort(b, dim=0)
@@ -142,19 +129,12 @@ def _wasserstein_1d_pp(a: Tensor, b: Tensor, p: float) -> Tensor:
     return ((a[ia] - b[ib]).abs().pow(p) * width.to(a.dtype)[:, None]).sum(0)
 
 
-def sliced_wasserstein(
-    x: Tensor,
-    y: Tensor,
-    n_projections: int = 256,
-    p: float = 2.0,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    """Sliced Wasserstein distance ``( E_theta W_p^p(theta^T X, theta^T Y) )^(1/p)``.
+def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, p: float = 2.0,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+    """Sliced Wasserstein distance ``( E_theta W_p^p(theta^T X, theta^T Y) )^(1/p)``, 0-d.
 
-    ``theta`` uniform on the unit sphere (``n_projections`` Monte-Carlo draws; Bonneel et al.
-    2015). Each 1-D ``W_p`` is exact: sorted samples for equal sizes, merged empirical
-    quantiles otherwise. In 1-D every direction is ``+-1`` and this is the exact ``W_p``.
-    Returns a 0-d tensor.
+    ``n_projections`` directions ``theta`` uniform on the sphere (Bonneel et al. 2015); each 1-D
+    ``W_p`` is exact, so in 1-D this is the exact ``W_p``.
     """
     x, y = _pair(x, y)
     if not isinstance(n_projections, int) or isinstance(n_projections, bool) or n_projections < 1:

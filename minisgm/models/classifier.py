@@ -1,18 +1,19 @@
 """Noise-conditional classifiers ``p_phi(y | x_t, t)`` for classifier guidance (:ref:`sec-classifier-guidance`).
 
 Guidance adds ``w grad_x log p_phi(y | x_t, t)`` to the score (Song et al. 2021, eq. (48);
-Dhariwal & Nichol 2021), so the classifier must be trained on *noised* inputs at every ``t``.
+Dhariwal & Nichol 2021), so the classifier is trained on *noised* inputs at every ``t``.
 Book: :ref:`sec-guidance`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_int
 from .embeddings import TimeEmbedding, batch_condition
 from .unet import ResBlock, group_norm
 
@@ -20,16 +21,12 @@ __all__ = ["TimeConditionedClassifier"]
 
 
 class TimeConditionedClassifier(nn.Module):
-    """Logits ``[B, num_classes]`` of ``p(y | x, t)`` for vectors or small images.
+    """Logits ``[B, num_classes]`` of ``p(y | x, t)`` for vectors ``[B, d]`` or images ``[B, C, H, W]``.
 
-    ``in_shape = d`` (an int) builds an MLP: ``h_1 = SiLU(W_1 x + e(t))``, then ``n_layers - 1``
-    layers ``h = SiLU(W h + P SiLU(e(t)))``, then a linear head. ``in_shape = (C, H, W)``
-    builds a tiny conv net: 3x3 conv, a residual block at full resolution, a stride-2 conv to
-    ``2 * base_channels``, another residual block, GroupNorm-SiLU, global average pooling and
-    a linear head (H, W even). ``e`` is the same time embedding as the score networks
-    (``cond="t"`` or ``"sigma"``).
-
-    Shapes: ``x [B, d]`` or ``[B, C, H, W]``, ``t [B]`` (or a scalar) ``-> [B, num_classes]``.
+    ``in_shape = d`` (an int) builds the MLP of :class:`~minisgm.models.mlp.ScoreMLP` with a
+    linear head; ``in_shape = (C, H, W)`` (H, W even) a tiny conv net: two residual blocks, the
+    second after a stride-2 conv to ``2 * base_channels``, then global average pooling and a
+    linear head. ``t`` enters through the score networks' ``TimeEmbedding`` (``cond="t"`` or ``"sigma"``).
     """
 
     def __init__(
@@ -44,19 +41,14 @@ class TimeConditionedClassifier(nn.Module):
         cond: str = "t",
     ):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        if isinstance(in_shape, int) and not isinstance(in_shape, bool):
-            shape: Tuple[int, ...] = (in_shape,)
-        else:
-            shape = tuple(in_shape)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        is_int = isinstance(in_shape, int) and not isinstance(in_shape, bool)
+        shape = (in_shape,) if is_int else tuple(in_shape)
         if len(shape) not in (1, 3) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"in_shape must be d (vectors) or (C, H, W) (images), got {in_shape!r}")
         self.in_shape = shape
         if len(shape) == 1:
-            if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-                raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+            check_int("n_layers", n_layers)
             self.time_embed = TimeEmbedding(hidden, embed_dim=embed_dim, embedding=embedding, cond=cond)
             self.inp = nn.Linear(shape[0], hidden)
             self.hidden_layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_layers - 1))

@@ -1,8 +1,7 @@
 """Embeddings of the time ``t`` (or noise level ``sigma``) fed to score networks.
 
-A score network ``s_theta(x, t)`` must know how noisy its input is. A scalar is a poor input
-to an MLP (it can only fit slowly varying functions of it), so it is first lifted to
-``embed_dim`` sinusoids of many frequencies. Book: :ref:`sec-score-networks`.
+The scalar is lifted to ``embed_dim`` sinusoids of many frequencies, since an MLP can only fit
+slowly varying functions of a raw scalar input. Book: :ref:`sec-score-networks`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 from ..checks import check_int, check_values
 from ..sde import batch_time
 
-__all__ = ["GaussianFourierProjection", "SinusoidalEmbedding"]
+__all__ = ["GaussianFourierProjection", "SinusoidalEmbedding", "TimeEmbedding", "ClassEmbedding",
+           "batch_condition", "condition_embedding", "check_marginal_std", "dot_product_attention"]
 
 
 def _check_embed_dim(embed_dim) -> int:
@@ -39,13 +39,8 @@ def _check_scalar_batch(c: Tensor) -> Tensor:
 class GaussianFourierProjection(nn.Module):
     """Random Fourier features ``[sin(2 pi W c), cos(2 pi W c)]``, ``W_i ~ N(0, scale^2)``.
 
-    Tancik et al. (2020), "Fourier Features Let Networks Learn High Frequency Functions";
-    Song et al. (2021, NCSN++) embed ``c = log sigma`` this way for the VE SDE, with
-    ``scale = 16``. ``W`` (``embed_dim / 2`` frequencies) is drawn once and fixed: a buffer,
-    saved in the ``state_dict`` but not trained.
-
-    Shapes: ``c [B] -> [B, embed_dim]`` (first half sines, second half cosines), in the dtype
-    of ``c``.
+    Tancik et al. (2020). ``W`` (``embed_dim / 2`` frequencies) is a buffer: saved, not trained.
+    Shapes: ``c [B] -> [B, embed_dim]`` (sines, then cosines), in the dtype of ``c``.
     """
 
     W: Tensor
@@ -70,13 +65,8 @@ class GaussianFourierProjection(nn.Module):
 class SinusoidalEmbedding(nn.Module):
     """Transformer positional encoding of a scalar ``c``: ``[sin(w_i c), cos(w_i c)]``.
 
-    ``w_i = max_positions^(-i / half)``, ``i = 0..half-1``, ``half = embed_dim / 2``
-    (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020 use it for the DDPM step ``n = 0..999``,
-    so for ``t in [0, 1]`` pass ``1000 t``). Deterministic, no parameters. Since
-    ``sin a sin b + cos a cos b = cos(a - b)``, ``<e(c), e(c')> = sum_i cos(w_i (c - c'))``:
-    the similarity of two embeddings depends only on ``c - c'`` and ``|e(c)|^2 = half``.
-
-    Shapes: ``c [B] -> [B, embed_dim]`` (first half sines, second half cosines).
+    ``w_i = max_positions^(-i / half)``, ``half = embed_dim / 2`` (Vaswani et al. 2017). Made for
+    the DDPM step ``n = 0..999``: for ``t in [0, 1]`` pass ``1000 t``. ``c [B] -> [B, embed_dim]``.
     """
 
     freqs: Tensor
@@ -102,11 +92,9 @@ class SinusoidalEmbedding(nn.Module):
 
 
 def batch_condition(t, x: Tensor) -> Tensor:
-    """Return the time / noise input as a ``[B]`` tensor of ``x``'s dtype and device.
+    """The time / noise input as a ``[B]`` tensor of ``x``'s dtype and device (a scalar is broadcast).
 
-    A Python number or 0-d tensor is broadcast to the batch; anything else must be ``[B]``.
-    :func:`minisgm.sde.batch_time` without its range ``[0, T]``: noise levels ``sigma`` (or
-    ``log sigma``) are conditioning inputs too.
+    :func:`minisgm.sde.batch_time` without its range ``[0, T]``, since noise levels are inputs too.
     """
     return batch_time(t, x, None)
 
@@ -114,11 +102,9 @@ def batch_condition(t, x: Tensor) -> Tensor:
 class TimeEmbedding(nn.Module):
     """Map the conditioning scalar (time ``t`` or noise level ``sigma``) to a ``[B, out_dim]`` vector.
 
-    ``cond="t"`` embeds ``c = t`` (continuous time in ``[0, 1]`` of an SDE); ``cond="sigma"``
-    embeds ``c = log sigma`` (NCSN noise levels, Song & Ermon 2019; Song et al. 2021 for VE),
-    since noise levels are geometric and the log spreads them evenly. The Fourier features
-    see ``c`` as is; the sinusoidal ones see ``1000 c`` (the DDPM step scale ``n = 0..999``).
-    The features then pass through ``Linear -> SiLU -> Linear`` (Ho et al. 2020).
+    ``cond="t"`` embeds ``c = t``; ``cond="sigma"`` embeds ``c = log sigma`` (geometric noise
+    levels, evenly spread by the log). Fourier features see ``c``, sinusoidal ones ``1000 c``;
+    then ``Linear -> SiLU -> Linear`` (Ho et al. 2020).
     """
 
     def __init__(self, out_dim: int, embed_dim: int = 64, embedding: str = "fourier", cond: str = "t", fourier_scale: float = 16.0):
@@ -146,11 +132,9 @@ class TimeEmbedding(nn.Module):
 
 
 class ClassEmbedding(nn.Module):
-    """Learned class embedding with a *null* class for classifier-free guidance.
+    """Learned class embedding ``y [B] -> [B, dim]`` with a *null* class (classifier-free guidance).
 
-    Labels ``0..num_classes-1`` are classes; ``num_classes`` (or ``y=None``) means
-    "unconditional" (Ho & Salimans 2022: one network learns both by dropping labels to the
-    null class during training). Shapes: ``y [B] (int64) -> [B, dim]``.
+    Label ``num_classes`` (or ``y=None``) is "unconditional" (Ho & Salimans 2022).
     """
 
     def __init__(self, num_classes: int, dim: int):
@@ -173,12 +157,9 @@ class ClassEmbedding(nn.Module):
         return self.table(y.long())
 
 
-def condition_embedding(
-    time_embed: TimeEmbedding, class_embed: Optional[ClassEmbedding], t: Tensor, y: Optional[Tensor], x: Tensor
-) -> Tensor:
-    """The ``[B, dim]`` conditioning vector of a score network for ``t [B]`` (see
-    :func:`batch_condition`): time (or noise) embedding, plus the class embedding when the
-    network is class-conditional (``y=None`` = the null class)."""
+def condition_embedding(time_embed: TimeEmbedding, class_embed: Optional[ClassEmbedding], t: Tensor,
+                        y: Optional[Tensor], x: Tensor) -> Tensor:
+    """Time (or noise) embedding of ``t [B]``, plus the class embedding if class-conditional: ``[B, dim]``."""
     emb = time_embed(t)
     if class_embed is not None:
         return emb + class_embed(y, x.shape[0], x.device)
@@ -213,7 +194,3 @@ def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v)
-
-
-__all__ += ["TimeEmbedding", "ClassEmbedding", "batch_condition", "condition_embedding", "check_marginal_std",
-            "dot_product_attention"]

@@ -1,8 +1,7 @@
 """Multilayer perceptrons for 2-D (and other vector) data: score, energy and classifier nets.
 
-Activations are SiLU everywhere: smooth, so that Jacobians (implicit score matching)
-and Hessians of an energy network (whose score is ``-grad E``) are meaningful; with
-ReLU the Hessian of the network would be zero almost everywhere.
+Activations are SiLU everywhere: smooth, so that Jacobians (implicit score matching) and
+Hessians of an energy network are meaningful (with ReLU they vanish almost everywhere).
 Book: :ref:`sec-score-networks`.
 """
 
@@ -51,23 +50,16 @@ class MLP(nn.Module):
 
 
 class ScoreMLP(nn.Module):
-    """Time- (or noise-level-) conditional score network ``s_theta(x, t)`` for vector data.
+    """Time- (or noise-level-) conditional score network ``s_theta(x, t)``, ``x [B, dim] -> [B, dim]``.
 
     ``h_1 = SiLU(W_1 x + e(t))``, ``h_{l+1} = SiLU(W_{l+1} h_l + P_l SiLU(e(t)))``,
-    ``out = W_out h_L``, where ``e`` is :class:`~minisgm.models.embeddings.TimeEmbedding`
-    (``cond="t"`` embeds ``t``; ``cond="sigma"`` embeds ``log sigma`` for NCSN).
+    ``out = W_out h_L``, with ``e`` a :class:`~minisgm.models.embeddings.TimeEmbedding`
+    (``cond="sigma"`` embeds ``log sigma``, for NCSN).
 
-    With ``marginal_std`` (a callable ``t -> std [B]``), the output is ``out / std``:
-    the network predicts ``-z`` of ``x_t = m x_0 + std z`` and the score
-    ``-z / std`` keeps the ``1/std`` scale of the true score (Song & Ermon 2020, NCSNv2
-    technique 3). Pass ``lambda t: sde.marginal_coeffs(t)[1]`` for an SDE, or
-    ``lambda sigma: sigma`` with ``cond="sigma"`` for NCSN. The callable is not saved in the
-    ``state_dict``: give it again when rebuilding the model.
-
-    With ``num_classes``, ``forward(x, t, y)`` adds a class embedding to ``e(t)``; ``y=None`` or
-    ``y == num_classes`` is the null class (classifier-free guidance, Ho & Salimans 2022).
-
-    Shapes: ``x [B, dim]``, ``t [B]`` (or a scalar) ``-> [B, dim]``.
+    With ``marginal_std`` (a callable ``t -> std [B]``, e.g. ``lambda t: sde.marginal_coeffs(t)[1]``)
+    the output is ``out / std``: the network predicts ``-z`` (Song & Ermon 2020, technique 3).
+    The callable is not saved in the ``state_dict``: give it again when rebuilding the model.
+    With ``num_classes``, ``y=None`` or ``y == num_classes`` is the null class (Ho & Salimans 2022).
     """
 
     def __init__(

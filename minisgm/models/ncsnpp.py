@@ -1,44 +1,15 @@
 """NCSN++ and DDPM++: the CIFAR-10 score networks of Song et al. (2021), in plain PyTorch.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), section 4.4 and appendix
-H ("architecture improvements"). Book: :ref:`sec-ncsnpp`.
+Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations",
+ICLR, section 4.4 and appendix H. Book: :ref:`sec-ncsnpp`. The DDPM U-Net with BigGAN residual
+blocks, sqrt(2) skip rescaling, FIR resampling (StyleGAN2), a progressive input path and 16 x 16
+self-attention. The layer layout follows score_sde_pytorch (parameter counts agree), with no
+custom CUDA kernels: FIR filters are depthwise (transposed) convolutions.
 
-Both networks are the DDPM U-Net (Ho et al. 2020) with the paper's improvements:
-
-* BigGAN-style residual blocks (Brock et al. 2019): the block itself up- or down-samples, on
-  the residual branch and on the skip branch, instead of a separate resampling layer;
-* every residual sum is divided by sqrt(2) (``skip_rescale``) so that activations keep their
-  variance through the many blocks;
-* FIR anti-aliased resampling with the [1, 3, 3, 1] kernel (StyleGAN2, Karras et al. 2020)
-  for NCSN++; nearest/average-pool resampling for DDPM++;
-* a progressive input path (``progressive_input="residual"`` in NCSN++; the "residual"
-  discriminator of StyleGAN2): at the first downsampling the image is FIR-downsampled, mapped
-  by a 3x3 conv to the features' width and added to them (divided by sqrt(2)); at each later
-  downsampling the tensor carried along -- that sum, i.e. features, not the image -- is
-  FIR-downsampled and convolved (3x3) again and added. (``"input_skip"`` is the image pyramid:
-  the image, FIR-downsampled level by level, enters every level through a 1x1 conv.)
-* self-attention at the 16 x 16 feature maps (one head, ``scaled_dot_product_attention``);
-* noise conditioning through an embedding of the noise level fed to every residual block as
-  a per-channel bias (the GroupNorms themselves are unconditional, as in the paper's configs).
-
-The noise level enters the network as follows (``t`` is the SDE time in [0, 1]):
-
-* NCSN++ (VE SDE, ``embedding_type="fourier"``): random Fourier features of log sigma(t),
-  ``[sin(2 pi W log sigma), cos(2 pi W log sigma)]`` with ``W ~ N(0, fourier_scale^2)``;
-  the network output is divided by sigma(t) (``scale_by_sigma=True``), so the raw output
-  is sigma(t) * score, a quantity of unit scale (Song & Ermon 2020, technique 3).
-* DDPM++ (VP and sub-VP SDEs, ``embedding_type="positional"``): the transformer sinusoidal
-  embedding of 999 t (the DDPM step index for 1000 steps); the raw output predicts the noise
-  z of x_t = alpha_t x_0 + sigma_t z, so score = -output / sigma_t (``scale_by_sigma=False``).
-
-Here sigma(t) = s(t) is the marginal standard deviation, supplied by the SDE (see
-:class:`NCSNpp`). With :class:`minisgm.sde.VESDE` it is the exact sqrt(sigma(t)^2 -
-sigma_min^2), not score_sde's approximation sigma_min (sigma_max / sigma_min)^t.
-
-The code is written from the paper and for reading; it follows the layer layout of the
-authors' release (score_sde_pytorch) closely enough that the parameter counts agree, but it
-uses no custom CUDA kernels: FIR filters are depthwise (transposed) convolutions.
+Convention: ``t`` is the SDE time in [0, 1]; sigma_t is the SDE's marginal std (for
+:class:`minisgm.sde.VESDE` the exact sqrt(sigma(t)^2 - sigma_min^2)). NCSN++ (VE) embeds
+log sigma_t and its output is sigma_t * score; DDPM++ (VP, sub-VP) embeds 999 t and predicts
+the noise z of x_t = alpha_t x_0 + sigma_t z, so score = -output / sigma_t.
 """
 
 from __future__ import annotations
@@ -57,38 +28,21 @@ from minisgm.checks import check_values
 from minisgm.sde import batch_time
 
 __all__ = [
-    "NCSNppConfig",
-    "NCSNpp",
-    "ncsnpp_cifar10",
-    "ddpmpp_cifar10",
-    "ncsnpp_deep_cifar10",
-    "ddpmpp_deep_cifar10",
-    "ncsnpp_small",
-    "ddpmpp_small",
-    "ddpm_sinusoidal_embedding",
-    "count_parameters",
-    "fir_kernel_2d",
-    "fir_upsample_2d",
-    "fir_downsample_2d",
-    "AttentionBlock",
-    "ResnetBlockBigGAN",
-    "ResnetBlockDDPM",
+    "NCSNppConfig", "NCSNpp", "ncsnpp_cifar10", "ddpmpp_cifar10", "ncsnpp_deep_cifar10",
+    "ddpmpp_deep_cifar10", "ncsnpp_small", "ddpmpp_small", "ddpm_sinusoidal_embedding",
+    "count_parameters", "fir_kernel_2d", "fir_upsample_2d", "fir_downsample_2d", "AttentionBlock",
+    "ResnetBlockBigGAN", "ResnetBlockDDPM",
 ]
 
 _SQRT2 = math.sqrt(2.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
+# ----- Configuration --------------------------------------------------------------------------
 @dataclass
 class NCSNppConfig:
     """Hyper-parameters of an NCSN++ / DDPM++ U-Net (Song et al. 2021, appendix H).
 
-    The four CIFAR-10 models of the paper are :func:`ncsnpp_cifar10`, :func:`ddpmpp_cifar10`
-    and their ``_deep_`` variants; the defaults below are DDPM++ (cont.).
+    The defaults are DDPM++ cont.; presets: :func:`ncsnpp_cifar10`, :func:`ddpmpp_cifar10`, ``*_deep_*``.
     """
 
     nf: int = 128  # base width: level i has nf * ch_mult[i] channels
@@ -135,11 +89,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"NCSNppConfig.{name} must be >= {minimum}, got {value}")
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"NCSNppConfig.{name} must be one of {list(choices)}, got {value!r}")
-
-
 def _check_int_tuple(name: str, value: Any, minimum: int, allow_empty: bool) -> None:
     if not isinstance(value, tuple):
         raise TypeError(f"NCSNppConfig.{name} must be a tuple of ints, got {type(value).__name__}")
@@ -175,29 +124,25 @@ def _validate_config(c: NCSNppConfig) -> None:
     if c.conv_size % 2 != 1:
         raise ValueError(f"NCSNppConfig.conv_size must be odd ('same' padding), got {c.conv_size}")
     if len(c.fir_kernel) % 2 != 0 or sum(c.fir_kernel) <= 0:
-        raise ValueError(
-            f"NCSNppConfig.fir_kernel must have an even number of taps with a positive sum "
-            f"(factor-2 resampling keeps the grid aligned only then), got {c.fir_kernel}"
-        )
-    _check_choice("resblock_type", c.resblock_type, ("biggan", "ddpm"))
-    _check_choice("progressive", c.progressive, ("none", "output_skip", "residual"))
-    _check_choice("progressive_input", c.progressive_input, ("none", "input_skip", "residual"))
-    _check_choice("progressive_combine", c.progressive_combine, ("sum", "cat"))
-    _check_choice("embedding_type", c.embedding_type, ("fourier", "positional"))
+        raise ValueError(f"NCSNppConfig.fir_kernel must have an even number of taps with a positive "
+                         f"sum (factor-2 resampling keeps the grid aligned only then), got {c.fir_kernel}")
+    for name, choices in (("resblock_type", ("biggan", "ddpm")),
+                          ("progressive", ("none", "output_skip", "residual")),
+                          ("progressive_input", ("none", "input_skip", "residual")),
+                          ("progressive_combine", ("sum", "cat")),
+                          ("embedding_type", ("fourier", "positional"))):
+        if (value := getattr(c, name)) not in choices:
+            raise ValueError(f"NCSNppConfig.{name} must be one of {list(choices)}, got {value!r}")
     if c.num_classes is not None:
         _check_int("num_classes", c.num_classes, 1)
     n_down = len(c.ch_mult) - 1
     if c.image_size % 2**n_down != 0:
-        raise ValueError(
-            f"NCSNppConfig.image_size={c.image_size} must be divisible by 2^(len(ch_mult)-1)"
-            f"={2**n_down}"
-        )
+        raise ValueError(f"NCSNppConfig.image_size={c.image_size} must be divisible by 2^(len(ch_mult)-1)"
+                         f"={2**n_down}")
     unused = sorted(set(c.attn_resolutions) - set(c.resolutions))
     if unused:
-        raise ValueError(
-            f"NCSNppConfig.attn_resolutions {unused} match no level; the levels have sizes "
-            f"{list(c.resolutions)}"
-        )
+        raise ValueError(f"NCSNppConfig.attn_resolutions {unused} match no level; the levels have sizes "
+                         f"{list(c.resolutions)}")
     if c.embedding_type == "positional" and c.nf < 4:
         raise ValueError("NCSNppConfig.nf must be >= 4 for the sinusoidal embedding")
     for mult in c.ch_mult:
@@ -212,55 +157,22 @@ def _group_norm_groups(ch: int) -> int:
 def _check_group_norm_channels(ch: int, what: str) -> None:
     g = _group_norm_groups(ch)
     if g < 1 or ch % g != 0:
-        raise ValueError(
-            f"{what} = {ch} channels cannot be split into GroupNorm groups of min(C // 4, 32) = "
-            f"{g}; use a multiple of 4 (at most 128) or of 32"
-        )
+        raise ValueError(f"{what} = {ch} channels cannot be split into GroupNorm groups of "
+                         f"min(C // 4, 32) = {g}; use a multiple of 4 (at most 128) or of 32")
 
 
-# --------------------------------------------------------------------------------------------
-# Presets (Song et al. 2021, table 3 / appendix H; score_sde configs for CIFAR-10)
-# --------------------------------------------------------------------------------------------
-
-
+# ----- Presets (Song et al. 2021, table 3 / appendix H; score_sde configs for CIFAR-10) -------
 def ncsnpp_cifar10() -> NCSNppConfig:
     """NCSN++ cont. for the VE SDE on CIFAR-10: 4 levels x 4 BigGAN blocks, FIR, residual progressive input path."""
-    return NCSNppConfig(
-        nf=128,
-        ch_mult=(1, 2, 2, 2),
-        num_res_blocks=4,
-        attn_resolutions=(16,),
-        dropout=0.1,
-        resamp_with_conv=True,
-        fir=True,
-        fir_kernel=(1, 3, 3, 1),
-        skip_rescale=True,
-        resblock_type="biggan",
-        progressive="none",
-        progressive_input="residual",
-        progressive_combine="sum",
-        embedding_type="fourier",
-        fourier_scale=16.0,
-        init_scale=0.0,
-        conv_size=3,
-        image_size=32,
-        num_channels=3,
-        centered=False,  # the VE configs feed data in [0, 1]
-        num_classes=None,
-        scale_by_sigma=True,
-    )
+    # The defaults are DDPM++ cont.; NCSN++ differs in resampling, input path, embedding and output.
+    return NCSNppConfig(fir=True, progressive_input="residual", embedding_type="fourier",
+                        centered=False,  # the VE configs feed data in [0, 1]
+                        scale_by_sigma=True)
 
 
 def ddpmpp_cifar10() -> NCSNppConfig:
     """DDPM++ cont. for the VP and sub-VP SDEs on CIFAR-10: no FIR, no progressive input, noise prediction."""
-    return dataclasses.replace(
-        ncsnpp_cifar10(),
-        fir=False,
-        progressive_input="none",
-        embedding_type="positional",
-        centered=True,
-        scale_by_sigma=False,
-    )
+    return NCSNppConfig()  # the defaults
 
 
 def ncsnpp_deep_cifar10() -> NCSNppConfig:
@@ -276,8 +188,7 @@ def ddpmpp_deep_cifar10() -> NCSNppConfig:
 def ncsnpp_small() -> NCSNppConfig:
     """A small, fast NCSN++ for the VE SDE on CIFAR-10 (4.8M parameters, 2.1 GFLOP per image).
 
-    Same blocks as :func:`ncsnpp_cifar10` on 3 levels (32, 16, 8 px) of 64, 64 and 128
-    channels with 2 residual blocks each: an hours-scale run on one GPU, not a record FID.
+    :func:`ncsnpp_cifar10` on 3 levels of 64, 64, 128 channels x 2 blocks: hours on one GPU.
     """
     return dataclasses.replace(ncsnpp_cifar10(), nf=64, ch_mult=(1, 1, 2), num_res_blocks=2)
 
@@ -292,16 +203,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# --------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------
-
-
+# ----- Building blocks ------------------------------------------------------------------------
 def _variance_scaling_(weight: Tensor, scale: float) -> Tensor:
-    """DDPM's initialiser: uniform with variance scale / fan_avg, fan_avg = (fan_in + fan_out) / 2.
+    """DDPM's initialiser: Glorot-uniform with gain sqrt(scale), i.e. variance scale / fan_avg.
 
-    That is Glorot-uniform with gain sqrt(scale). ``scale = 0`` becomes 1e-10 so that the layer
-    starts (almost) at zero but still receives gradients in every direction.
+    ``scale = 0`` becomes 1e-10: the layer starts (almost) at zero but gets gradients in every direction.
     """
     scale = 1e-10 if scale == 0 else scale
     return nn.init.xavier_uniform_(weight, gain=math.sqrt(scale))
@@ -330,10 +236,7 @@ def _group_norm(ch: int) -> nn.GroupNorm:
 
 
 def fir_kernel_2d(taps: Sequence[float]) -> Tensor:
-    """Separable 2-D FIR kernel ``k k^T / sum(k)^2`` (sums to one: a constant stays constant).
-
-    Shapes: ``taps`` of length n -> ``[n, n]`` float64 (modules keep a float32 buffer copy).
-    """
+    """Separable 2-D FIR kernel ``k k^T / sum(k)^2`` (sums to one), ``[n, n]`` float64 for n taps."""
     k = torch.tensor([float(v) for v in taps], dtype=torch.float64)
     k2 = torch.outer(k, k)
     return k2 / k2.sum()
@@ -342,15 +245,9 @@ def fir_kernel_2d(taps: Sequence[float]) -> Tensor:
 def fir_upsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
     """Upsample by 2 with a FIR filter: insert zeros between pixels, then filter with 4 k.
 
+    ``x [B, C, H, W] -> [B, C, 2H, 2W]``; ``kernel [n, n]`` (n even) from :func:`fir_kernel_2d`.
     For k = [1, 3, 3, 1] / 8 this is bilinear interpolation (half-pixel centres) away from the
     border; outside the image the signal is taken as zero (as in StyleGAN2 / score_sde).
-
-    Args:
-        x: images ``[B, C, H, W]``.
-        kernel: normalised 2-D kernel ``[n, n]`` (n even) from :func:`fir_kernel_2d`.
-
-    Returns:
-        ``[B, C, 2H, 2W]``.
     """
     C, n = x.shape[1], kernel.shape[-1]
     # A transposed convolution with stride 2 is exactly "zero-insertion then convolve": it
@@ -363,14 +260,9 @@ def fir_upsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
 def fir_downsample_2d(x: Tensor, kernel: Tensor) -> Tensor:
     """Downsample by 2 with a FIR filter: filter with k, keep every other pixel.
 
-    For k = [1, 3, 3, 1] / 8 this equals antialiased bilinear downsampling away from the border.
-
-    Args:
-        x: images ``[B, C, H, W]`` with even H, W.
-        kernel: normalised 2-D kernel ``[n, n]`` (n even) from :func:`fir_kernel_2d`.
-
-    Returns:
-        ``[B, C, H/2, W/2]``.
+    ``x [B, C, H, W]`` (H, W even) ``-> [B, C, H/2, W/2]``; ``kernel [n, n]`` (n even) from
+    :func:`fir_kernel_2d`. For k = [1, 3, 3, 1] / 8 this equals antialiased bilinear
+    downsampling away from the border.
     """
     C, n = x.shape[1], kernel.shape[-1]
     # conv2d correlates; flipping the kernel makes it the convolution of the definition.
@@ -406,20 +298,16 @@ class Resample(nn.Module):
 
     def forward(self, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
         """``x [B, C, H, W] -> [B, out_ch, 2H, 2W]`` (up) or ``[B, out_ch, H/2, W/2]`` (down)."""
-        if self.mode == "up":
-            if not self.fir:
-                h = F.interpolate(x, scale_factor=2.0, mode="nearest")
-                return self.conv(h) if self.with_conv else h
-            if not self.with_conv:
-                return fir_upsample_2d(x, self.kernel)
-            return _upsample_conv_2d(x, self.conv.weight, self.conv.bias, self.kernel)
+        up = self.mode == "up"
+        if not self.fir and up:
+            h = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return self.conv(h) if self.with_conv else h
         if not self.fir:
-            if not self.with_conv:
-                return F.avg_pool2d(x, 2)
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
+            return self.conv(F.pad(x, (0, 1, 0, 1))) if self.with_conv else F.avg_pool2d(x, 2)
         if not self.with_conv:
-            return fir_downsample_2d(x, self.kernel)
-        return _conv_downsample_2d(x, self.conv.weight, self.conv.bias, self.kernel)
+            return fir_upsample_2d(x, self.kernel) if up else fir_downsample_2d(x, self.kernel)
+        fused = _upsample_conv_2d if up else _conv_downsample_2d
+        return fused(x, self.conv.weight, self.conv.bias, self.kernel)
 
 
 def _fir_filter(x: Tensor, kernel: Tensor, gain: float, padding: int) -> Tensor:
@@ -458,14 +346,11 @@ def _upsample_conv_2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel:
 
 
 def ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """DDPM's sinusoidal embedding of a scalar (Ho et al. 2020; Vaswani et al. 2017).
+    """DDPM's sinusoidal embedding ``[sin(s w_j), cos(s w_j)]``, ``s [B] -> [B, dim]`` (Ho et al. 2020).
 
-    ``emb = [sin(s w_0), ..., sin(s w_{h-1}), cos(s w_0), ..., cos(s w_{h-1})]``,
-    ``w_j = max_period^(-j / (h - 1))``, ``h = dim // 2``. The exponent's ``h - 1`` (so that
-    the lowest frequency is exactly 1 / max_period) is DDPM's; :class:`SinusoidalEmbedding`
-    divides by ``h``, so DDPM++ keeps this one to match the published models.
-
-    Shapes: ``s [B] -> [B, dim]`` (zero-padded when dim is odd).
+    ``w_j = max_period^(-j / (h - 1))``, ``h = dim // 2`` (zero-padded when dim is odd). DDPM's
+    ``h - 1`` differs from the ``h`` of :class:`SinusoidalEmbedding`; DDPM++ keeps it to match
+    the published models.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) / (half - 1)
@@ -476,14 +361,11 @@ def ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) 
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the pixels of a feature map, with a residual connection.
+    """Single-head self-attention over the pixels, ``[B, C, H, W] -> [B, C, H, W]``, residual.
 
-    ``h = GroupNorm(x)``, ``q, k, v = W_q h, W_k h, W_v h`` (1x1 convs),
-    ``out = x + W_o softmax(q^T k / sqrt(C)) v`` (divided by sqrt(2) with ``skip_rescale``).
-
-    Shapes: ``x [B, C, H, W] -> [B, C, H, W]``. Computed with ``scaled_dot_product_attention``
-    (flash / memory-efficient kernels on GPU; float32 for bf16 on the CPU, see
-    :func:`~minisgm.models.embeddings.dot_product_attention`).
+    ``q, k, v`` are 1x1 convs of ``GroupNorm(x)``; ``out = x + W_o softmax(q^T k / sqrt(C)) v``
+    (divided by sqrt(2) with ``skip_rescale``), computed by
+    :func:`~minisgm.models.embeddings.dot_product_attention`.
     """
 
     def __init__(self, ch: int, skip_rescale: bool = True, init_scale: float = 0.0):
@@ -509,11 +391,8 @@ class AttentionBlock(nn.Module):
 class ResnetBlockBigGAN(nn.Module):
     """BigGAN residual block with time conditioning (Brock et al. 2019; Song et al. 2021, app. H).
 
-    ``h = Conv(up/down(SiLU(GN(x)))) + Dense(SiLU(temb))``,
-    ``h = Conv(Dropout(SiLU(GN(h))))``, ``out = (skip(up/down(x)) + h) / sqrt(2)``.
-    The block resamples both branches itself (``up`` / ``down``), FIR-filtered if ``fir``;
-    ``skip`` is a 1x1 conv when the shape changes, else the identity.
-
+    ``h = Conv(up/down(SiLU(GN(x)))) + Dense(SiLU(temb))``, ``h = Conv(Dropout(SiLU(GN(h))))``,
+    ``out = (skip(up/down(x)) + h) / sqrt(2)``; ``skip`` is a 1x1 conv when the shape changes.
     Shapes: ``x [B, in_ch, H, W], temb [B, temb_dim] -> [B, out_ch, H', W']``.
     """
 
@@ -606,32 +485,19 @@ class _Level(nn.Module):
         self.pyramid_conv: Optional[nn.Module] = None
 
 
-# --------------------------------------------------------------------------------------------
-# The network
-# --------------------------------------------------------------------------------------------
-
+# ----- The network ----------------------------------------------------------------------------
 MarginalStd = Union[Callable[[Tensor], Tensor], Any]
 
 
 class NCSNpp(nn.Module):
     """NCSN++ / DDPM++ score network ``score(x, t)`` (Song et al. 2021, section 4.4, app. H).
 
-    The raw U-Net ``F(x, c)`` (:meth:`network`) is turned into a score with the marginal
-    standard deviation sigma_t of the SDE:
+    The raw U-Net ``F(x, c)`` (:meth:`network`; ``c = log sigma_t`` for "fourier", ``999 t`` for
+    "positional") gives ``score = F / sigma_t`` with ``scale_by_sigma`` (NCSN++), else
+    ``-F / sigma_t`` (DDPM++: F predicts the noise z).
 
-    * ``scale_by_sigma=True`` (NCSN++, VE): ``c = log sigma_t`` and ``score = F / sigma_t``;
-    * ``scale_by_sigma=False`` (DDPM++, VP / sub-VP): ``c = 999 t`` (positional) or
-      ``log sigma_t`` (fourier), F predicts the noise z and ``score = -F / sigma_t``
-      (``x_t = alpha_t x_0 + sigma_t z`` so grad log p(x_t | x_0) = -z / sigma_t).
-
-    Args:
-        config: the architecture (:class:`NCSNppConfig`).
-        marginal_std: ``t [B] -> sigma_t [B]``, or an SDE object from :mod:`minisgm.sde` (its
-            ``marginal_coeffs(t)[1]`` is used). Needed by :meth:`forward` only; without it the
-            model still offers :meth:`network` (e.g. for counting parameters).
-
-    Shapes: ``x [B, num_channels, image_size, image_size]``, ``t [B]`` (or a scalar) in [0, 1],
-    ``class_labels [B]`` (long, when ``config.num_classes`` is set) -> score like x.
+    ``marginal_std``: ``t [B] -> sigma_t [B]``, or an SDE of :mod:`minisgm.sde` (its
+    ``marginal_coeffs(t)[1]``); only :meth:`forward` needs it, not :meth:`network`.
     """
 
     def __init__(self, config: NCSNppConfig, marginal_std: Optional[MarginalStd] = None):
@@ -651,13 +517,9 @@ class NCSNpp(nn.Module):
         self.temb_dim = 4 * nf
 
         # Noise-level embedding, then a 2-layer MLP (shared by all blocks).
-        if c.embedding_type == "fourier":
-            # nf random frequencies W ~ N(0, fourier_scale^2), fixed (a buffer).
-            self.fourier = GaussianFourierProjection(2 * nf, c.fourier_scale)
-            embed_dim = 2 * nf
-        else:
-            self.fourier = None
-            embed_dim = nf
+        fourier = c.embedding_type == "fourier"
+        self.fourier = GaussianFourierProjection(2 * nf, c.fourier_scale) if fourier else None
+        embed_dim = 2 * nf if fourier else nf
         self.temb_mlp = nn.Sequential(_linear(embed_dim, self.temb_dim), nn.SiLU(),
                                       _linear(self.temb_dim, self.temb_dim))
         self.class_embed = nn.Embedding(c.num_classes, self.temb_dim) if c.num_classes else None
@@ -759,25 +621,13 @@ class NCSNpp(nn.Module):
         return torch.log(std) if self.config.embedding_type == "fourier" else 999.0 * t
 
     def network(self, x: Tensor, c_noise: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
-        """The raw U-Net output ``F(x, c_noise)`` (no scaling by s(t)).
-
-        Args:
-            x: ``[B, num_channels, image_size, image_size]``.
-            c_noise: ``[B]`` noise label (see :meth:`noise_label`).
-            class_labels: ``[B]`` long class indices when ``config.num_classes`` is set.
-
-        Returns:
-            ``[B, num_channels, image_size, image_size]``.
-        """
+        """The raw U-Net output ``F(x, c_noise)`` like ``x``; ``c_noise [B]`` from :meth:`noise_label`."""
         c = self.config
         self._check_inputs(x, class_labels)
         if c_noise.shape != (x.shape[0],):
             raise ValueError(f"c_noise must have shape [B]=[{x.shape[0]}], got {list(c_noise.shape)}")
 
-        if self.fourier is not None:
-            emb = self.fourier(c_noise)
-        else:
-            emb = ddpm_sinusoidal_embedding(c_noise, c.nf)
+        emb = self.fourier(c_noise) if self.fourier is not None else ddpm_sinusoidal_embedding(c_noise, c.nf)
         temb = self.temb_mlp(emb.to(x.dtype))
         if self.class_embed is not None:
             temb = temb + self.class_embed(class_labels)
@@ -832,17 +682,10 @@ class NCSNpp(nn.Module):
 
     def forward(self, x: Tensor, t: Union[Tensor, float],
                 class_labels: Optional[Tensor] = None) -> Tensor:
-        """The score ``grad_x log p_t(x)`` (Song et al. 2021, eq. 7's s_theta(x, t)).
+        """The score ``grad_x log p_t(x)`` (Song et al. 2021, eq. 7), shaped and typed like ``x``.
 
-        ``score = F(x, c(t)) / s(t)`` if ``scale_by_sigma`` else ``-F(x, c(t)) / s(t)``.
-
-        Args:
-            x: ``[B, C, H, W]`` noised images.
-            t: ``[B]`` times in [0, 1] (a scalar is broadcast); s(t) must be positive.
-            class_labels: ``[B]`` long, required iff ``config.num_classes`` is set.
-
-        Returns:
-            The score, shaped and typed like ``x`` (also under autocast).
+        ``t``: ``[B]`` times in [0, 1] (a scalar is broadcast) with s(t) > 0; ``class_labels``:
+        ``[B]`` long, required iff ``config.num_classes`` is set.
         """
         if self.marginal_std is None:
             raise ValueError(

@@ -1,10 +1,8 @@
-"""A small U-Net score network for 8x8 images (scikit-learn digits) (:ref:`sec-unet`).
+"""A small U-Net score network for 8x8 images (scikit-learn digits). Book: :ref:`sec-unet`.
 
-The layout of DDPM / NCSN++ shrunk to fit two CPU cores: residual blocks (GroupNorm, SiLU,
-3x3 convolutions, the time embedding added in between; Ho et al. 2020, App. B), stride-2
-downsampling, nearest-neighbour upsampling, skip connections at every block, and one
-self-attention block at the lowest resolution. With the defaults (``channel_mults=(1, 2)``)
-the resolutions are 8x8 and 4x4 (16 attention tokens). Book: :ref:`sec-unet`.
+The layout of DDPM (Ho et al. 2020, App. B) / NCSN++ shrunk to fit two CPU cores: residual
+blocks, stride-2 downsampling, nearest-neighbour upsampling, skips at every block and one
+self-attention block at the lowest resolution (4x4 with the default ``channel_mults=(1, 2)``).
 """
 
 from __future__ import annotations
@@ -80,21 +78,10 @@ class AttentionBlock(nn.Module):
 class SmallUNet(nn.Module):
     """U-Net score model ``s_theta(x, t[, y])`` for small images, shapes ``[B, C, H, W] -> [B, C, H, W]``.
 
-    Args:
-        in_channels: image channels ``C`` (1 for digits).
-        base_channels: channels at full resolution; level ``i`` has ``base * channel_mults[i]``.
-        channel_mults: one entry per resolution; each level after the first halves H and W,
-            so H and W must be divisible by ``2^(len(channel_mults) - 1)``.
-        num_res_blocks: residual blocks per level, on the way down and on the way up.
-        embed_dim: size of the sinusoidal / Fourier features of ``t`` (or ``log sigma``).
-        num_classes: if set, ``forward(x, t, y)`` is class-conditional; ``y=None`` or
-            ``y == num_classes`` is the null (unconditional) class for classifier-free guidance.
-        dropout: dropout inside residual blocks.
-        marginal_std: optional callable ``t -> std [B]``; the output is divided by it (the
-            net predicts ``-z``; Song & Ermon 2020 technique 3), see :class:`ScoreMLP`.
-        attention: add a self-attention block at the lowest resolution.
-        embedding: ``"sinusoidal"`` (DDPM, default) or ``"fourier"`` (NCSN++).
-        cond: ``"t"`` (SDE time) or ``"sigma"`` (noise level; ``log sigma`` is embedded).
+    Level ``i`` has ``base_channels * channel_mults[i]`` channels and each level after the first
+    halves H and W (which must be divisible by ``2^(len(channel_mults) - 1)``).
+    ``num_classes``, ``marginal_std``, ``embedding`` and ``cond`` work as in
+    :class:`~minisgm.models.mlp.ScoreMLP`, except that ``embedding`` defaults to "sinusoidal".
     """
 
     def __init__(
