@@ -48,9 +48,7 @@ class ConfigError(ValueError):
     """A bad preset name, override key or override value (the CLI turns it into exit code 2)."""
 
 
-# ----------------------------------------------------------------------------------------------
-# The configuration
-# ----------------------------------------------------------------------------------------------
+# ----- The configuration ----------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     """The small score networks of the book (toy MLP and the 8x8 U-Net)."""
@@ -151,9 +149,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets: plain functions
-# ----------------------------------------------------------------------------------------------
+# ----- Presets: plain functions ---------------------------------------------------------------
 def _toy(preset: str, dataset: str) -> Config:
     return Config(
         preset=preset,
@@ -307,9 +303,7 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
-# ----------------------------------------------------------------------------------------------
-# Field types, help texts and valid ranges
-# ----------------------------------------------------------------------------------------------
+# ----- Field types, help texts and valid ranges -----------------------------------------------
 def _hints(obj_or_cls) -> Dict[str, Any]:
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return typing.get_type_hints(cls)
@@ -433,9 +427,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(err).replace("NCSNppConfig.", "--model.")) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Values from the command line (text) and from config.json (JSON values)
-# ----------------------------------------------------------------------------------------------
+# ----- Values from the command line (text) and from config.json (JSON values) -----------------
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -571,9 +563,7 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# (De)serialisation: config.json and the copy inside each checkpoint
-# ----------------------------------------------------------------------------------------------
+# ----- (De)serialisation: config.json and the copy inside each checkpoint ---------------------
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
     """Nested dict of JSON values (tuples become lists); ``model_class`` names the model config."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists
