@@ -104,11 +104,9 @@ def data_path(data_cfg) -> str:
 
 
 def load_images(data_cfg, train: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """The integer pixel levels ``[N, C, H, W]`` and labels (or ``None``) of an image data set.
-
-    ``train=False`` gives the held-out split: the digits' test split (:func:`digits_split`),
-    CIFAR-10's test batch; folders and array files have none (their training images).
-    """
+    """The integer pixel levels ``[N, C, H, W]`` and labels (or ``None``) of an image data set;
+    ``train=False``: the digits' test split (:func:`digits_split`), CIFAR-10's test batch (folders
+    and array files have no held-out split: their training images)."""
     name = data_cfg.dataset
     if name in ("cifar10", "folder", "npz"):
         data_path(data_cfg)
@@ -312,11 +310,8 @@ class Run(NamedTuple):
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> Run:
-    """Rebuild a :class:`Run` from a run folder or checkpoint file, with the EMA weights (or the raw ones).
-
-    Raises :class:`CheckpointError` if the checkpoint is missing, corrupt, lacks the weights, or
-    they do not fit the model its config describes.
-    """
+    """Rebuild a :class:`Run` from a run folder or checkpoint file, with the EMA weights (or the raw ones);
+    :class:`CheckpointError` if it is missing, corrupt, lacks the weights or does not fit its config."""
     state = load_checkpoint(path, map_location=device)
     try:
         cfg = config_from_dict(state["config"])

@@ -199,11 +199,8 @@ def _fallback(p: Path) -> str:
 
 
 def lock_run_folder(folder: PathLike):
-    """Take the run folder's lock (``.lock``) for this process, or raise :class:`RunFolderBusy`.
-
-    An advisory ``flock``, released by the OS however the process ends. Keep the returned file open
-    as long as the run lasts (closing it releases the lock).
-    """
+    """Take the run folder's lock (``.lock``) for this process, or raise :class:`RunFolderBusy`: an
+    advisory ``flock``, released by the OS however the process ends. Keep the returned file open."""
     import fcntl
 
     folder = Path(folder)

@@ -522,9 +522,8 @@ def _is_number(s: str) -> bool:
 def parse_overrides(cfg: Config, args: Sequence[str]) -> Dict[str, Any]:
     """Parse ``["--train.lr", "1e-4", "--train.compile", "--model.ch_mult=1,2"]`` into typed values.
 
-    A boolean field may be given bare (``--train.compile`` means true) or with a value. Returns
-    ``{"train.lr": 1e-4, ...}``; raises :class:`ConfigError` for an unknown key (naming the
-    closest valid ones) or a value that does not parse as the field's type.
+    Returns ``{"train.lr": 1e-4, ...}``; a bare boolean flag means true. :class:`ConfigError` for an
+    unknown key (naming the closest valid ones) or a value that does not parse as the field's type.
     """
     valid = flat_keys(cfg)
     out: Dict[str, Any] = {}

@@ -60,10 +60,8 @@ def _held_out(cfg, n: int):
 
 def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson: Optional[str] = None,
                  rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
-    """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them).
-
-    ``progress(k)`` is called after each batch of ``k`` images.
-    """
+    """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them);
+    ``progress(k)`` is called after each batch of ``k`` images."""
     from .likelihood import bits_per_dim
 
     if cfg.data.class_conditional:
@@ -98,10 +96,8 @@ def _samples01(model, cfg, sde, n: int, sampler: str, steps: int, batch_size: in
 
 def evaluate_digits_fd(model, cfg, sde, n: int = 0, sampler: str = "em", steps: int = 200, batch_size: int = 0,
                        seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
-    """Digit-classifier Frechet distance of ``n`` samples (0: as many as test digits) to the held-out digits.
-
-    Also returns ``real_data_floor``: the same distance for ``n`` real training digits.
-    """
+    """Digit-classifier Frechet distance of ``n`` samples (0: as many as test digits) to the held-out digits,
+    and ``real_data_floor``: the same distance for ``n`` real training digits."""
     from .data import load_digits
     from .digit_features import digits_frechet_distance, digits_split
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import PRESETS, Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, describe, get_preset, parse_overrides, validate
+from .config import (PRESETS, Config, ConfigError, _leaves, apply_overrides, config_from_dict, config_to_dict,
+                     describe, get_preset, parse_overrides, validate)
 from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
 from .score_matching import sde_loss
@@ -166,11 +168,8 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
 
 
 def setup_distributed(device_pref: str = "auto") -> Dist:
-    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE > 1``).
-
-    NCCL on GPUs, gloo on CPUs; a gloo group carries host-side flags (stop signals) so that
-    agreeing on them never waits for the GPU. Each rank uses ``cuda:LOCAL_RANK``.
-    """
+    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE > 1``): NCCL on GPUs (rank
+    on ``cuda:LOCAL_RANK``), gloo on CPUs, and a gloo group for stop flags that never waits for the GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -212,8 +211,6 @@ class StopSignals:
         self.d, self.signum, self._previous = d, 0, {}
 
     def __enter__(self) -> "StopSignals":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -245,8 +242,6 @@ REFUSED_ON_RESUME = ("model.", "sde.", "data.", "train.seed")
 def config_changes(saved: Config, cfg: Config) -> Tuple[Dict[str, tuple], Dict[str, tuple]]:
     """``(refused, accepted)``: the keys whose values differ between ``saved`` and ``cfg``, as
     ``{key: (old, new)}``, split by :data:`REFUSED_ON_RESUME`."""
-    from .config import _leaves
-
     old = {k: getattr(o, n) for k, o, n, _ in _leaves(saved)}
     new = {k: getattr(o, n) for k, o, n, _ in _leaves(cfg)}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k] and k != "preset"}
@@ -339,9 +334,8 @@ def _build_state(cfg: Config, d: Dist, run_dir: Path) -> _State:
     opt = build_optimizer(tc, model, d.device)
     net: nn.Module = model
     if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if tc.compile:
         net = torch.compile(net)
     return _State(cfg, d, run_dir, sde, data, model, ema, opt, net)
