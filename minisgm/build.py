@@ -1,16 +1,11 @@
 """Config -> objects: the one place where a run's config becomes data, an SDE, a model, a score
-function and samples.
-
-``train``, ``sample``, ``evaluate`` and ``convert`` are thin command-line layers on top, and
-imports run one way::
+function and samples; the command lines are thin layers on top, and imports run one way::
 
     {data, models, sde, samplers, config, checkpoint}  <-  build  <-  {train, sample, evaluate, convert}
 
-Each data set is described once, in :func:`dataset_info` (shape of one example, grey levels,
-number of classes) and :func:`load_images` (its loader); the map between images in ``[0, 1]``
-and the model's space is :func:`to_model_space` / :func:`to_unit_range`. The sampler names of
-the config (``sample.sampler``, ``--sampler``) map to the functions of :mod:`minisgm.samplers`
-in :data:`SAMPLERS`. Book: :ref:`sec-scaling-up`.
+Each data set is described once, in :func:`dataset_info` and :func:`load_images`; images in
+``[0, 1]`` map to the model's space with :func:`to_model_space` / :func:`to_unit_range`; the
+config's sampler names map to :mod:`minisgm.samplers` in :data:`SAMPLERS`. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -18,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from . import data as data_lib
 from . import samplers
 from . import sde as sde_lib
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
@@ -51,9 +48,7 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------
-# Data sets: one table
-# ----------------------------------------------------------------------------------------------
+# ----- Data sets: one table -------------------------------------------------------------------
 class DatasetInfo(NamedTuple):
     """What the package needs to know about a data set without loading it."""
 
@@ -109,38 +104,29 @@ def data_path(data_cfg) -> str:
 
 
 def load_images(data_cfg, train: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """The integer pixel levels ``[N, C, H, W]`` and labels (or ``None``) of an image data set.
-
-    ``train=False`` gives the held-out split: the digits' test split (:func:`digits_split`),
-    CIFAR-10's test batch; folders and array files have none (their training images).
-    """
+    """The integer pixel levels ``[N, C, H, W]`` and labels (or ``None``) of an image data set;
+    ``train=False``: the digits' test split (:func:`digits_split`), CIFAR-10's test batch (folders
+    and array files have no held-out split: their training images)."""
     name = data_cfg.dataset
     if name in ("cifar10", "folder", "npz"):
         data_path(data_cfg)
     if name == "digits":
-        from .data import load_digits
         from .digit_features import digits_split
 
-        levels, labels = load_digits(return_int=True)
+        levels, labels = data_lib.load_digits(return_int=True)
         train_idx, test_idx = digits_split()
         if train and not data_cfg.holdout:
             return levels, labels
         idx = train_idx if train else test_idx
         return levels[idx], labels[idx]
     if name == "cifar10":
-        from .data import load_cifar10
-
-        images, labels = load_cifar10(data_cfg.path, train=train)
+        images, labels = data_lib.load_cifar10(data_cfg.path, train=train)
         return images, torch.as_tensor(labels)
     if name == "folder":
-        from .data import load_image_folder
-
-        images, labels, _ = load_image_folder(data_cfg.path, data_cfg.image_size, data_cfg.channels)
+        images, labels, _ = data_lib.load_image_folder(data_cfg.path, data_cfg.image_size, data_cfg.channels)
         return images, labels
     if name == "npz":
-        from .data import load_npz
-
-        return load_npz(data_cfg.path)
+        return data_lib.load_npz(data_cfg.path)
     raise ConfigError(f"data.dataset={name} has no images to load")
 
 
@@ -157,15 +143,11 @@ def _mix(*ints: int) -> int:
 class TrainingData:
     """A training set with a deterministic, resumable batch order.
 
-    ``batch(step, shard, n_shards, batch_size, generator)`` returns shard ``shard`` of the
-    global batch of optimizer step ``step`` (0-based). Finite data sets walk through one random
-    permutation per epoch, the permutation of epoch ``e`` seeded by ``(seed, e)``; the global
-    batch of step ``s`` covers positions ``s B ... s B + B - 1`` of that endless sequence. Toy
-    data are drawn fresh from the shard's generator. Flips and dequantisation use the shard's
-    generator as well, so everything depends only on ``(seed, step, shard)``.
-
-    For ``folder`` and ``npz`` data the image size, channels and class count found in the
-    data are written into ``cfg.data`` (the run's resolved config records them).
+    Finite data sets walk through one random permutation per epoch (seeded by ``(seed, epoch)``);
+    the global batch of step ``s`` (0-based) covers positions ``s B ... s B + B - 1`` of that
+    endless sequence. Toy data, flips and dequantisation use the shard's generator, so everything
+    depends only on ``(seed, step, shard)``. For ``folder`` and ``npz`` data the image size,
+    channels and class count found in the data are written into ``cfg.data``.
     """
 
     def __init__(self, data_cfg, seed: int, device: torch.device):
@@ -174,9 +156,7 @@ class TrainingData:
         self.labels: Optional[Tensor] = None
         self.toy: Optional[Callable] = None
         if data_cfg.dataset in TOY_DATASETS:
-            from . import data as data_mod
-
-            self.toy = getattr(data_mod, data_cfg.dataset)
+            self.toy = getattr(data_lib, data_cfg.dataset)
             self.info = dataset_info(data_cfg)
             return
         images, labels = load_images(data_cfg, train=True)
@@ -213,8 +193,7 @@ class TrainingData:
         """Dataset indices ``[batch_size]`` of the global batch of ``step`` (Python arithmetic:
         no tensor is read back)."""
         n, start = len(self), step * batch_size
-        parts = []
-        pos = start
+        parts, pos = [], start
         while pos < start + batch_size:  # the batch may straddle an epoch boundary
             epoch, offset = divmod(pos, n)
             take = min(n - offset, start + batch_size - pos)
@@ -253,9 +232,7 @@ def build_data(cfg: Config, device: torch.device) -> TrainingData:
         raise ConfigError(f"cannot load data.dataset={cfg.data.dataset} from {cfg.data.path!r}: {err}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# The SDE, the model, its score
-# ----------------------------------------------------------------------------------------------
+# ----- The SDE, the model, its score ----------------------------------------------------------
 def build_sde(sde_cfg) -> sde_lib.SDE:
     """The SDE of ``cfg.sde``, with its ``eps`` (the smallest time of training, sampling and
     likelihoods) set from ``sde.eps`` when given."""
@@ -271,10 +248,9 @@ def build_sde(sde_cfg) -> sde_lib.SDE:
 def build_model(cfg: Config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
     """The score network ``model(x, t[, y]) -> score`` of ``cfg.model`` for ``cfg.data``.
 
-    The network's output is divided by the SDE's marginal std ``sigma_t`` (it predicts ``-z``
-    or ``sigma_t`` times the score; Song & Ermon 2020, technique 3), so the model is built with
-    the SDE (``build_sde(cfg.sde)`` unless given). For NCSN++ the data-dependent fields
-    (``centered``, ``num_classes``, image size and channels) are taken from the data config.
+    Its output is divided by the marginal std ``sigma_t`` of ``sde`` (default ``build_sde(cfg.sde)``;
+    Song & Ermon 2020, technique 3). NCSN++ takes ``centered``, classes, size and channels from
+    ``cfg.data``.
     """
     sde = build_sde(cfg.sde) if sde is None else sde
     shape = dataset_info(cfg.data).shape
@@ -311,9 +287,7 @@ def build_model(cfg: Config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
 
 def score_fn_of(model: nn.Module, y: Optional[Tensor] = None, autocast: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
     """``score_fn(x, t)`` of a model, with class labels ``y`` bound if given; float32 output.
-
-    ``autocast`` runs the network in bfloat16 (CUDA or CPU, whichever the model is on).
-    """
+    ``autocast`` runs the network in bfloat16 on the model's device."""
     device_type = next(model.parameters()).device.type
     ctx = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
@@ -325,9 +299,7 @@ def score_fn_of(model: nn.Module, y: Optional[Tensor] = None, autocast: bool = F
     return score_fn
 
 
-# ----------------------------------------------------------------------------------------------
-# Runs
-# ----------------------------------------------------------------------------------------------
+# ----- Runs -----------------------------------------------------------------------------------
 class Run(NamedTuple):
     """A trained run, loaded: the model (eval mode, on its device), its config, SDE and step."""
 
@@ -338,12 +310,8 @@ class Run(NamedTuple):
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> Run:
-    """Rebuild a :class:`Run` from a run folder or checkpoint file, with the EMA weights (or the raw ones).
-
-    Raises:
-        CheckpointError: the checkpoint is missing, corrupt, lacks the weights, or they do not
-            fit the model its config describes.
-    """
+    """Rebuild a :class:`Run` from a run folder or checkpoint file, with the EMA weights (or the raw ones);
+    :class:`CheckpointError` if it is missing, corrupt, lacks the weights or does not fit its config."""
     state = load_checkpoint(path, map_location=device)
     try:
         cfg = config_from_dict(state["config"])
@@ -364,8 +332,6 @@ def open_run(args) -> Tuple[Run, torch.device]:
     """For the command lines: set the CPU threads (``args.threads``; a note is printed when the
     machine is busy) and load the run of ``args.ckpt`` on ``args.device`` (EMA weights unless
     ``args.no_ema``). Raises ``ValueError``/:class:`CheckpointError` with a one-line message."""
-    import sys
-
     note = configure_threads(args.threads)
     device = resolve_device(args.device)
     run = load_run(args.ckpt, device, use_ema=not args.no_ema)
@@ -374,9 +340,7 @@ def open_run(args) -> Tuple[Run, torch.device]:
     return run, device
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
+# ----- Sampling -------------------------------------------------------------------------------
 SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
     "em": samplers.euler_maruyama_sample,
     "pc": samplers.pc_sample,
@@ -396,30 +360,17 @@ def sampler_options(name: str, sample_cfg) -> Dict[str, object]:
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    cfg: Config,
-    sde: sde_lib.SDE,
-    n: int,
-    *,
-    sampler: Optional[str] = None,
-    n_steps: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    y: Optional[Tensor] = None,
-    device: torch.device | str | None = None,
-    batch_size: int = 0,
-    autocast: bool = False,
-    progress: Optional[Callable[[int], None]] = None,
-    callback: Optional[Callable[[int, float, Tensor], None]] = None,
-    **options,
-) -> Tuple[Tensor, int]:
+def generate(model: nn.Module, cfg: Config, sde: sde_lib.SDE, n: int, *, sampler: Optional[str] = None,
+             n_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             y: Optional[Tensor] = None, device: torch.device | str | None = None, batch_size: int = 0,
+             autocast: bool = False, progress: Optional[Callable[[int], None]] = None,
+             callback: Optional[Callable[[int, float, Tensor], None]] = None, **options) -> Tuple[Tensor, int]:
     """``n`` samples ``[n, *shape]`` in the model's space and their total NFE.
 
-    ``sampler`` and ``n_steps`` default to the run's ``sample.sampler`` and ``sample.n_steps``;
-    samples are drawn in batches of ``batch_size`` (0: all at once); ``y`` (``[n]`` labels)
-    goes to class-conditional models; ``progress(k)`` is called after each sampler step of
-    each batch (a Python callback: no host sync), as is ``callback(i, t, x)``, the samplers'
-    own. ``options`` go to the sampler.
+    ``sampler`` and ``n_steps`` default to the run's ``sample`` config; ``batch_size`` 0 draws all
+    at once; ``y`` (``[n]`` labels) is for class-conditional models. ``progress(1)`` and the
+    samplers' ``callback(i, t, x)`` are called after each sampler step (no host sync); ``options``
+    go to the sampler.
     """
     sampler = sampler or cfg.sample.sampler
     if sampler not in SAMPLERS:
@@ -450,9 +401,7 @@ def generate(
     return torch.cat(out), nfe_total
 
 
-# ----------------------------------------------------------------------------------------------
-# Process set-up shared by the command lines
-# ----------------------------------------------------------------------------------------------
+# ----- Process set-up shared by the command lines ---------------------------------------------
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` (``ValueError`` otherwise)."""
     if name == "auto":
@@ -468,13 +417,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _progress_bar(total: Optional[int], desc: str, unit: str = "step"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+
+
 def configure_threads(requested: int = 0) -> Optional[str]:
     """Set PyTorch's CPU threads; returns a note for the user when the choice is not the obvious one.
 
-    ``requested > 0`` is used as is. ``0`` (automatic): ``OMP_NUM_THREADS`` if set, else one
-    thread per core that is idle, by the one-minute load average. PyTorch's default (one per
-    core) oversubscribes a busy machine: training the digits preset on 2 cores next to other
-    work ran several times slower with 2 threads than with 1.
+    ``requested > 0`` is used as is; ``0``: ``OMP_NUM_THREADS`` if set, else one thread per idle
+    core (one-minute load average). PyTorch's one per core oversubscribes a busy machine: digits
+    trained several times slower with 2 threads than with 1 on 2 cores next to other work.
     """
     if requested > 0:
         torch.set_num_threads(requested)

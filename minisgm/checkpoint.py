@@ -1,31 +1,27 @@
 """Checkpoints: plain ``state_dict``s plus the config, written atomically, verified, loaded safely.
 
-A checkpoint is a dict of tensors and primitive containers only, so that it loads with
-``torch.load(..., weights_only=True)`` (no pickled code is ever executed):
+A checkpoint holds tensors and plain containers only, so that it loads with
+``torch.load(..., weights_only=True)`` (no pickled code is ever executed)::
 
     {"format": "minisgm-checkpoint", "version": 2, "step": int, "config": {...},
      "model": state_dict, "ema": state_dict, "optimizer": state_dict, "rng": {...},
      "world_size": int, "sha256": hex digest of everything else}
 
-Writing goes to a temporary file in the same folder, is flushed and fsync'ed, and then renamed
-over the old file with ``os.replace`` (atomic on POSIX): a run killed at any moment leaves either
-the previous checkpoint or the new one, never a torn file. The file it replaces is kept as
-``<name>.prev.pt``, so a checkpoint damaged later (a flipped bit on disk) does not take the run
-with it. The SHA-256 digest of the content is checked on every load: a damaged file is refused
-with a message that names the intact previous one. Temporary files left by a killed writer are
-removed by :func:`remove_stale_temporaries`. A run folder is used by one training process at a
-time (:func:`lock_run_folder`). Book: :ref:`sec-scaling-up`.
+A write leaves either the old file or the new one, never a torn file, and keeps the one it
+replaces as ``<name>.prev.pt``; every load checks the digest. A run folder is used by one
+training process at a time (:func:`lock_run_folder`). Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 import torch
 
@@ -62,16 +58,12 @@ class RunFolderBusy(RuntimeError):
 
 def _fsync_dir(path: Path) -> None:
     # The rename itself lives in the directory entry: sync it too, or a power cut may forget it.
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _digest(obj: Any, h=None) -> str:
@@ -105,14 +97,11 @@ def previous_checkpoint(path: PathLike) -> Path:
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike, keep_previous: bool = True) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
+    """Write ``state`` to ``path`` atomically (temporary file + fsync + ``os.replace``); returns ``path``.
 
-    ``format``, ``version`` and the ``sha256`` digest are added. With ``keep_previous`` the
-    file being replaced is kept as :func:`previous_checkpoint`. Returns the final path.
-
-    Raises:
-        OSError: the write failed (the message says when the disk is full); the previous
-            checkpoint is untouched.
+    ``format``, ``version`` and the ``sha256`` digest are added; with ``keep_previous`` the
+    replaced file is kept as :func:`previous_checkpoint`. Raises ``OSError`` if the write failed
+    (saying so when the disk is full); the previous checkpoint is then untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,30 +129,22 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike, keep_previous: bool =
 
 
 def remove_stale_temporaries(folder: PathLike) -> list:
-    """Delete temporary checkpoint files (``.<name>.tmp-<pid>``) whose writer is gone.
+    """Delete the temporary checkpoint files (``.<name>.tmp-<pid>``) of killed writers; returns them.
 
-    A process killed during :func:`save_checkpoint` leaves one behind; the folder's lock
-    (:func:`lock_run_folder`) guarantees no other writer, so any whose pid is not ours is
-    stale. Returns the paths removed.
+    The folder's lock (:func:`lock_run_folder`) rules out other writers: any pid but ours is stale.
     """
     removed = []
     for p in Path(folder).glob(".*.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid != str(os.getpid()):
-            try:
+        if p.name.rsplit("-", 1)[-1] != str(os.getpid()):
+            with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)
-            except OSError:
-                pass
     return removed
 
 
 def find_checkpoint(path: PathLike) -> Path:
-    """``path`` itself if it is a file, else ``path/checkpoint.pt`` (``CheckpointError`` if absent).
-
-    A folder whose ``checkpoint.pt`` is missing but whose ``checkpoint.prev.pt`` exists (a kill
-    between the two renames of a write) gives the previous one.
-    """
+    """``path`` itself if it is a file, else ``path/checkpoint.pt`` (``CheckpointError`` if absent), or
+    ``checkpoint.prev.pt`` if only that exists (a kill between the two renames of a write)."""
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT_NAME
@@ -175,15 +156,10 @@ def find_checkpoint(path: PathLike) -> Path:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` and verify it.
+    """Load a checkpoint (a ``.pt`` file or a run folder) with ``weights_only=True`` and verify it.
 
-    Args:
-        path: a ``.pt`` file or a run folder holding ``checkpoint.pt``.
-        map_location: where tensors go (as in ``torch.load``).
-
-    Raises:
-        CheckpointError: missing file, truncated/corrupt file (content that does not match its
-            digest), or not a minisgm checkpoint.
+    Raises :class:`CheckpointError` for a missing or truncated file, content that does not match
+    its digest, or a file that is not a minisgm checkpoint.
     """
     p = find_checkpoint(path)
     try:
@@ -223,12 +199,8 @@ def _fallback(p: Path) -> str:
 
 
 def lock_run_folder(folder: PathLike):
-    """Take the run folder's lock (``.lock``) for this process, or raise :class:`RunFolderBusy`.
-
-    An advisory ``flock``: the operating system releases it when the process ends, however it
-    ends, so a crashed run never leaves the folder locked. Keep the returned file open for as
-    long as the run lasts (closing it releases the lock).
-    """
+    """Take the run folder's lock (``.lock``) for this process, or raise :class:`RunFolderBusy`: an
+    advisory ``flock``, released by the OS however the process ends. Keep the returned file open."""
     import fcntl
 
     folder = Path(folder)
@@ -249,15 +221,10 @@ def lock_run_folder(folder: PathLike):
     return f
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG states (weights_only-safe)
-# ----------------------------------------------------------------------------------------------
+# ----- RNG states (weights_only-safe) ---------------------------------------------------------
 def get_rng_state() -> Dict[str, Any]:
-    """The states of the global torch generators (CPU and every CUDA device) as byte tensors.
-
-    These drive dropout; everything else a run draws comes from generators seeded by
-    ``(seed, step, shard)``, which need no saving.
-    """
+    """The states of the global torch generators (CPU and every CUDA device) as byte tensors: they
+    drive dropout; all other draws come from generators seeded by ``(seed, step, shard)``."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
@@ -283,23 +250,14 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     extra = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
+    shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     dtypes = [f"{k}: checkpoint {state_dict[k].dtype} vs model {own[k].dtype}"
               for k in own if k in state_dict and state_dict[k].dtype != own[k].dtype]
-    if missing or extra or shapes or dtypes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {'; '.join(shapes[:3])})")
-        if dtypes:
-            parts.append(f"{len(dtypes)} with another dtype (e.g. {'; '.join(dtypes[:3])})")
+    parts = [f"{len(bad)} {label} (e.g. {sep.join(bad[:3])})" for label, bad, sep in (
+        ("missing", missing, ", "), ("unexpected", extra, ", "),
+        ("with another shape", shapes, "; "), ("with another dtype", dtypes, "; ")) if bad]
+    if parts:
         raise CheckpointError(
             f"the checkpoint's {what} weights do not fit this model: {'; '.join(parts)}. "
             "Was it written with another preset or model config?"

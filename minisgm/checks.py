@@ -1,14 +1,10 @@
 """Input checks shared by the whole package, and the debug switch for checks of tensor values.
 
-Where a check runs decides what it costs. Python numbers (step counts, grids, tolerances) are
-checked once, before any loop: free. Tensor *shapes* and *dtypes* are metadata: free too, and
-always checked. Tensor *values* (``t`` in ``[0, T]``, labels in range, no NaN) are a different
-matter: ``bool(t.min() >= 0)`` copies a result from the device to the host and waits for every
-queued kernel, so one such check per sampler step stalls a GPU once per step. The package
-therefore checks tensor values only in debug mode: ``MINISGM_DEBUG=1`` in the environment, or
-``minisgm.checks.set_debug(True)``. A bad value then fails at its source with a clear message;
-without debug mode it is caught where it surfaces (non-finite samples or losses are detected
-once, after the loop).
+Python numbers and tensor shapes and dtypes cost nothing to check: they are always checked. Tensor
+*values* (``t`` in ``[0, T]``, labels in range, no NaN) are checked only in debug mode
+(``MINISGM_DEBUG=1`` or :func:`set_debug`): ``bool(t.min() >= 0)`` waits for every queued kernel,
+so one such check per sampler step stalls a GPU once per step. Without debug mode a bad value is
+caught where it surfaces (non-finite samples or losses are detected once, after the loop).
 """
 
 from __future__ import annotations
@@ -49,11 +45,8 @@ def debug_enabled() -> bool:
 
 
 def check_values(ok: Callable[[], Tensor], message: Callable[[], str]) -> None:
-    """In debug mode only: raise ``ValueError(message())`` unless the 0-d bool tensor ``ok()`` is true.
-
-    Both arguments are callables, so that nothing is computed (and nothing synchronised) when
-    debug mode is off.
-    """
+    """In debug mode only: raise ``ValueError(message())`` unless the 0-d bool tensor ``ok()`` is true
+    (callables, so that nothing is computed or synchronised when debug mode is off)."""
     if debug_enabled() and not bool(ok()):
         raise ValueError(message())
 
@@ -69,15 +62,8 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def check_number(
-    name: str,
-    value: Any,
-    lo: Optional[float] = None,
-    hi: Optional[float] = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> float:
+def check_number(name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None, *,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float in the interval ``lo .. hi`` (each end closed unless ``*_open``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and lo is not None:

@@ -1,17 +1,12 @@
 """Run configuration: nested dataclasses, named presets, command-line overrides.
 
-A run is described by one :class:`Config` made of small dataclasses, each field with a comment
-(nanoGPT style). Presets are plain functions returning a ``Config``; the command line picks one
-with ``--preset NAME`` and changes single fields with dotted overrides::
+A run is one :class:`Config` of small dataclasses; the comment after each field is its help text
+(``--help-config``). Presets are plain functions; the command line picks one and changes fields::
 
     python -m minisgm.train --preset digits_ve --train.lr 1e-4 --model.ch_mult 1,2 --train.compile
 
-Overrides are type- and range-checked against the dataclass annotations and :data:`RANGES` before
-any work starts; an unknown key, a value of the wrong type or out of range is reported in one line
-with the closest valid keys (exit code 2). The comment after each field is its help text
-(``--help-config``).
-The hyper-parameters of the CIFAR-10 presets follow Song et al. (2021), "Score-Based Generative
-Modeling through Stochastic Differential Equations", ICLR, app. H. Book: :ref:`sec-scaling-up`.
+Overrides are checked against the annotations and :data:`RANGES` before any work starts. The
+CIFAR-10 presets follow Song et al. (2021), ICLR, app. H. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -53,9 +48,7 @@ class ConfigError(ValueError):
     """A bad preset name, override key or override value (the CLI turns it into exit code 2)."""
 
 
-# ----------------------------------------------------------------------------------------------
-# The configuration
-# ----------------------------------------------------------------------------------------------
+# ----- The configuration ----------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     """The small score networks of the book (toy MLP and the 8x8 U-Net)."""
@@ -156,9 +149,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets: plain functions
-# ----------------------------------------------------------------------------------------------
+# ----- Presets: plain functions ---------------------------------------------------------------
 def _toy(preset: str, dataset: str) -> Config:
     return Config(
         preset=preset,
@@ -212,7 +203,6 @@ def digits_ve() -> Config:
     # ~ 7 for 8x8 digits in [0,1]); 50 keeps the paper's value and still trains fine.
     c.sde = SDEConfig(kind="ve", sigma_min=0.01, sigma_max=50.0)
     c.data.centered = False
-    c.train.ema_rate = 0.999
     c.sample.sampler = "pc"
     return c
 
@@ -286,10 +276,7 @@ def cifar10_ddpmpp_deep_subvp() -> Config:
 def cifar10_small() -> Config:
     """A small NCSN++ (4.8M parameters), VE SDE, CIFAR-10: a first GPU run (about 8e16 training FLOP), or a CPU smoke test."""
     c = _cifar10("cifar10_small", "ncsnpp_small", "ve")
-    c.train.n_steps = 100_000
-    c.train.warmup = 1000
-    c.train.ema_rate = 0.999
-    c.train.sample_every = 5000
+    c.train = dataclasses.replace(c.train, n_steps=100_000, warmup=1000, ema_rate=0.999, sample_every=5000)
     c.sample.n_steps = 500
     return c
 
@@ -316,9 +303,7 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
-# ----------------------------------------------------------------------------------------------
-# Field types, help texts and valid ranges
-# ----------------------------------------------------------------------------------------------
+# ----- Field types, help texts and valid ranges -----------------------------------------------
 def _hints(obj_or_cls) -> Dict[str, Any]:
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return typing.get_type_hints(cls)
@@ -368,10 +353,6 @@ SAMPLER_NAMES = ("em", "pc", "ode", "heun", "ddim", "dpm_solver", "edm")
 RANGES: Dict[str, Any] = {
     # a tuple: the allowed values; an Interval: the range of a number (or of each entry of a list)
     "sde.kind": ("ve", "vp", "subvp"),
-    "sde.sigma_min": Interval(0.0, math.inf, True, True),
-    "sde.sigma_max": Interval(0.0, math.inf, True, True),
-    "sde.beta_min": Interval(0.0, math.inf, True, True),
-    "sde.beta_max": Interval(0.0, math.inf, True, True),
     "sde.eps": Interval(0.0, 1.0, True, True),
     "data.dataset": ("digits", "cifar10", "folder", "npz") + TOY_DATASETS,
     "data.image_size": Interval(0, 4096),
@@ -379,35 +360,21 @@ RANGES: Dict[str, Any] = {
     "data.num_classes": Interval(0, 100_000),
     "model.arch": ("mlp", "unet"),
     "model.embedding": ("sinusoidal", "fourier"),
-    "model.hidden": Interval(1, math.inf, open_hi=True),
-    "model.n_layers": Interval(1, math.inf, open_hi=True),
-    "model.nf": Interval(1, math.inf, open_hi=True),
-    "model.ch_mult": Interval(1, math.inf, open_hi=True),
-    "model.num_res_blocks": Interval(1, math.inf, open_hi=True),
     "model.embed_dim": Interval(2, math.inf, open_hi=True),
-    "model.dropout": Interval(0.0, 1.0, open_hi=True),
-    "train.n_steps": Interval(1, math.inf, open_hi=True),
-    "train.batch_size": Interval(1, math.inf, open_hi=True),
-    "train.grad_accum": Interval(1, math.inf, open_hi=True),
-    "train.lr": Interval(0.0, math.inf, True, True),
-    "train.warmup": Interval(0, math.inf, open_hi=True),
-    "train.beta1": Interval(0.0, 1.0, open_hi=True),
-    "train.beta2": Interval(0.0, 1.0, open_hi=True),
-    "train.adam_eps": Interval(0.0, math.inf, True, True),
     "train.weight_decay": Interval(0.0, math.inf, open_hi=True),
     "train.grad_clip": Interval(-math.inf, math.inf, True, True),
-    "train.ema_rate": Interval(0.0, 1.0, open_hi=True),
-    "train.seed": Interval(0, 2**63 - 1),
     "train.threads": Interval(0, 4096),
-    "train.log_every": Interval(1, math.inf, open_hi=True),
-    "train.sample_every": Interval(0, math.inf, open_hi=True),
-    "train.ckpt_every": Interval(1, math.inf, open_hi=True),
-    "train.max_steps_per_run": Interval(0, math.inf, open_hi=True),
     "sample.sampler": SAMPLER_NAMES,
-    "sample.n_steps": Interval(1, math.inf, open_hi=True),
-    "sample.n_samples": Interval(1, math.inf, open_hi=True),
-    "sample.snr": Interval(0.0, math.inf, True, True),
-    "sample.seed": Interval(0, 2**63 - 1),
+    **dict.fromkeys(("sde.sigma_min", "sde.sigma_max", "sde.beta_min", "sde.beta_max", "train.lr",
+                     "train.adam_eps", "sample.snr"), Interval(0.0, math.inf, True, True)),
+    **dict.fromkeys(("model.hidden", "model.n_layers", "model.nf", "model.ch_mult", "model.num_res_blocks",
+                     "train.n_steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.ckpt_every",
+                     "sample.n_steps", "sample.n_samples"), Interval(1, math.inf, open_hi=True)),
+    **dict.fromkeys(("train.warmup", "train.sample_every", "train.max_steps_per_run"),
+                    Interval(0, math.inf, open_hi=True)),
+    **dict.fromkeys(("model.dropout", "train.beta1", "train.beta2", "train.ema_rate"),
+                    Interval(0.0, 1.0, open_hi=True)),
+    **dict.fromkeys(("train.seed", "sample.seed"), Interval(0, 2**63 - 1)),
 }
 """The valid values of the fields that a type alone does not pin down (checked by :func:`validate`)."""
 
@@ -460,9 +427,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(err).replace("NCSNppConfig.", "--model.")) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Values from the command line (text) and from config.json (JSON values)
-# ----------------------------------------------------------------------------------------------
+# ----- Values from the command line (text) and from config.json (JSON values) -----------------
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -504,20 +469,18 @@ def _coerce(value: Any, tp, key: str, text: bool):
         except ConfigError:
             raise ConfigError(f"--{key} expects {_type_name(tp)} (e.g. 1,2,2), got {value!r}") from None
         return tuple(vals) if origin in (tuple, Tuple) else vals
-    if tp is bool:
-        if not text:
-            if isinstance(value, bool):
-                return value
+    if not text and tp in (bool, int, float, str, Any):  # a JSON value must have the type already
+        if not isinstance(value, {bool: bool, int: int, float: (int, float)}.get(tp, str)):
             raise bad
+        if tp in (int, float) and isinstance(value, bool):
+            raise bad
+        return float(value) if tp is float else value
+    if tp is bool:
         low = value.strip().lower()
         if low in _TRUE | _FALSE:
             return low in _TRUE
         raise ConfigError(f"--{key} expects a boolean (true/false), got {value!r}")
     if tp is int:
-        if not text:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            raise bad
         try:
             return int(value)
         except ValueError:
@@ -529,18 +492,12 @@ def _coerce(value: Any, tp, key: str, text: bool):
                 pass
             raise bad from None
     if tp is float:
-        if not text:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            raise bad
         try:
             return float(value)
         except ValueError:
             raise bad from None
     if tp in (str, Any):
-        if text or isinstance(value, str):
-            return value
-        raise bad
+        return value
     raise ConfigError(f"--{key}: unsupported field type {tp!r}")
 
 
@@ -565,9 +522,8 @@ def _is_number(s: str) -> bool:
 def parse_overrides(cfg: Config, args: Sequence[str]) -> Dict[str, Any]:
     """Parse ``["--train.lr", "1e-4", "--train.compile", "--model.ch_mult=1,2"]`` into typed values.
 
-    A boolean field may be given bare (``--train.compile`` means true) or with a value. Returns
-    ``{"train.lr": 1e-4, ...}``; raises :class:`ConfigError` for an unknown key (naming the
-    closest valid ones) or a value that does not parse as the field's type.
+    Returns ``{"train.lr": 1e-4, ...}``; a bare boolean flag means true. :class:`ConfigError` for an
+    unknown key (naming the closest valid ones) or a value that does not parse as the field's type.
     """
     valid = flat_keys(cfg)
     out: Dict[str, Any] = {}
@@ -606,9 +562,7 @@ def apply_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# (De)serialisation: config.json and the copy inside each checkpoint
-# ----------------------------------------------------------------------------------------------
+# ----- (De)serialisation: config.json and the copy inside each checkpoint ---------------------
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
     """Nested dict of JSON values (tuples become lists); ``model_class`` names the model config."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists
@@ -651,14 +605,9 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
     preset = d.get("preset", "custom")
     if not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {preset!r}")
-    return Config(
-        preset=preset,
-        model=_from_dict(model_cls, d.get("model", {}), "model"),
-        sde=_from_dict(SDEConfig, d.get("sde", {}), "sde"),
-        data=_from_dict(DataConfig, d.get("data", {}), "data"),
-        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
-        sample=_from_dict(SampleConfig, d.get("sample", {}), "sample"),
-    )
+    sections = {"model": model_cls, "sde": SDEConfig, "data": DataConfig, "train": TrainConfig,
+                "sample": SampleConfig}
+    return Config(preset=preset, **{k: _from_dict(cls, d.get(k, {}), k) for k, cls in sections.items()})
 
 
 def describe(cfg: Config) -> str:

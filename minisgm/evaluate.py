@@ -1,19 +1,15 @@
 """Evaluate a trained run: ``python -m minisgm.evaluate --ckpt RUN_DIR --metric bpd|fid|digits_fd``.
 
-* ``bpd``: bits per dimension of held-out data under the probability-flow ODE likelihood
-  (:func:`minisgm.likelihood.bits_per_dim`, uniform dequantisation; Song et al. 2021, sec. 4.3).
-  Digits use the fixed test split of :func:`minisgm.digit_features.digits_split` (unseen in
-  training with ``data.holdout``, the default), CIFAR-10 its test batch, your own images
-  their training images (marked as seen in training).
-* ``fid``: FID of ``--n`` samples against Inception statistics of the training set
-  (:mod:`minisgm.fid`; the statistics are computed once and cached in ``~/.cache/minisgm``).
-* ``digits_fd``: the Frechet distance in the features of a small digit classifier
-  (:func:`minisgm.digit_features.digits_frechet_distance`) between ``--n`` samples and the
-  held-out test digits; also printed: the same distance between real training digits and the
-  test digits (the floor a perfect model would reach with this ``n``).
+* ``bpd``: bits/dim of held-out data under the probability-flow ODE likelihood
+  (:func:`minisgm.likelihood.bits_per_dim`; Song et al. 2021, sec. 4.3): the digits' test split
+  (unseen in training with ``data.holdout``), CIFAR-10's test batch, your own training images.
+* ``fid``: FID of ``--n`` samples against the training set's Inception statistics
+  (:mod:`minisgm.fid`; cached in ``~/.cache/minisgm``).
+* ``digits_fd``: the Frechet distance in a small digit classifier's features
+  (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the test digits,
+  next to that of ``n`` real training digits (the floor a perfect model would reach).
 
-Each result is printed as one readable line and appended as one JSON line to
-``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
+Each result is printed as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import torch
 
 from .build import (
     SAMPLERS,
+    _progress_bar,
     data_path,
     dataset_info,
     generate,
@@ -63,10 +60,8 @@ def _held_out(cfg, n: int):
 
 def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson: Optional[str] = None,
                  rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
-    """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them).
-
-    ``progress(k)`` is called after each batch of ``k`` images.
-    """
+    """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them);
+    ``progress(k)`` is called after each batch of ``k`` images."""
     from .likelihood import bits_per_dim
 
     if cfg.data.class_conditional:
@@ -101,10 +96,8 @@ def _samples01(model, cfg, sde, n: int, sampler: str, steps: int, batch_size: in
 
 def evaluate_digits_fd(model, cfg, sde, n: int = 0, sampler: str = "em", steps: int = 200, batch_size: int = 0,
                        seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
-    """Digit-classifier Frechet distance of ``n`` samples (0: as many as test digits) to the held-out digits.
-
-    Also returns ``real_data_floor``: the same distance for ``n`` real training digits.
-    """
+    """Digit-classifier Frechet distance of ``n`` samples (0: as many as test digits) to the held-out digits,
+    and ``real_data_floor``: the same distance for ``n`` real training digits."""
     from .data import load_digits
     from .digit_features import digits_frechet_distance, digits_split
 
@@ -197,16 +190,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = None
     try:
         if args.metric == "bpd":
-            n_images = args.n or (10**9)
-            bar = None if args.no_progress else _bar(None if n_images == 10**9 else n_images, "bits/dim", "image")
+            bar = None if args.no_progress else _progress_bar(args.n or None, "bits/dim", "image")
             res = evaluate_bpd(model, cfg, sde, n=args.n, batch_size=args.batch_size or 128, hutchinson=args.hutchinson,
                                rtol=args.rtol, atol=args.atol, seed=args.seed, device=device, progress=_update(bar))
         else:
             n = args.n or (359 if args.metric == "digits_fd" else 50_000)
             bs = args.batch_size or (n if args.metric == "digits_fd" else 500)
             total = None if sampler == "ode" else -(-n // bs) * steps
-            bar = None if args.no_progress else _bar(total, f"{sampler} sampling", "step")
-            kw = dict(n=args.n or n, sampler=sampler, steps=steps, batch_size=bs, seed=args.seed, device=device, progress=_update(bar))
+            bar = None if args.no_progress else _progress_bar(total, f"{sampler} sampling")
+            kw = dict(n=n, sampler=sampler, steps=steps, batch_size=bs, seed=args.seed, device=device, progress=_update(bar))
             res = (evaluate_digits_fd if args.metric == "digits_fd" else evaluate_fid)(model, cfg, sde, **kw)
     except (ValueError, FileNotFoundError, NotADirectoryError, ConfigError, NonFiniteSampleError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -221,12 +213,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{summary(res)}; step {step}, {'EMA' if not args.no_ema else 'raw'} weights, {res['seconds']:.0f} s")
     print(json.dumps(res))
     return 0
-
-
-def _bar(total: Optional[int], desc: str, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
 
 
 def _update(bar) -> Progress:

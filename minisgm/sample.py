@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .build import SAMPLERS, dataset_info, generate, n_classes_of, open_run, to_unit_range
+from .build import SAMPLERS, _progress_bar, dataset_info, generate, n_classes_of, open_run, to_unit_range
 from .checkpoint import CheckpointError
 from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
@@ -36,12 +36,6 @@ def output_paths(out: Optional[str], ckpt: str) -> Tuple[Path, Path]:
     else:
         npz = Path(out) if Path(out).suffix == ".npz" else Path(out + ".npz")
     return npz, npz.with_suffix(".png")
-
-
-def _progress_bar(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,31 +1,17 @@
 """Train a score model: ``python -m minisgm.train [--preset NAME] [--train.lr 1e-4 ...]``.
 
-One loop serves a 2-D toy, the 8x8 digits, CIFAR-10 and your own images. Each optimizer step
-(:func:`train_step`) draws a global batch, splits it into ``world_size x grad_accum`` shards
-(one per rank and micro-batch), and minimises the continuous-time denoising score matching
-loss of Song et al. (2021), eq. (7), :func:`minisgm.score_matching.sde_loss`, with Adam,
-linear warm-up, gradient clipping and an exponential moving average (EMA) of the weights
-(Song et al. 2021, app. H). ``benchmarks/train_throughput.py`` times this same step.
+One loop serves the 2-D toys, the 8x8 digits, CIFAR-10 and your own images: the continuous-time
+DSM loss of Song et al. (2021), eq. (7) (:func:`minisgm.score_matching.sde_loss`), with Adam,
+linear warm-up, gradient clipping and an EMA of the weights (app. H). ``benchmarks/train_throughput.py``
+times this same step (:func:`train_step`).
 
-Reproducibility: the data order and every noise draw of shard ``k`` at step ``s`` come from a
-generator seeded with ``(seed, s, k)``, so a run is a function of its config; a run killed at
-any moment and resumed from its last checkpoint ends with exactly the same weights (on CPU, or
-on GPU with ``--train.deterministic``), and ``n`` ranks of ``torchrun`` compute the same
-update as one process with ``grad_accum = n``.
-
-Reliability: one process per run folder (a lock the OS releases when the process dies);
-SIGINT/SIGTERM stop at the next step boundary with a checkpoint (on every rank); a resumed run
-keeps its saved config and refuses overrides that would make its checkpoint meaningless (SDE,
-model, data), stating the ones it accepts; checkpoints carry a digest and the previous one is
-kept. Book: :ref:`sec-scaling-up`.
-
-Run folder (``runs/<preset>-<timestamp>`` unless ``--run-dir``)::
-
-    config.json        the config of the latest checkpoint (rewritten with each checkpoint)
-    checkpoint.pt      the latest checkpoint, checkpoint.prev.pt the one before it
-    history.jsonl      one line per start, resume and stop, with the settings changed
-    metrics.jsonl      one JSON line per log interval: step, loss, lr, grad_norm, images_per_s
-    samples/step-<step>.png   sample grids drawn with the EMA weights
+Each step splits its global batch into ``world_size x grad_accum`` shards, and the data order and
+noise of shard ``k`` at step ``s`` come from a generator seeded with ``(seed, s, k)``: a run killed
+and resumed ends with the same weights (on GPU with ``--train.deterministic``), and ``n`` ranks of
+``torchrun`` compute the same update as one process with ``grad_accum = n``. The run folder
+(``runs/<preset>-<timestamp>`` unless ``--run-dir``; one process at a time) holds ``config.json``,
+``checkpoint.pt`` (and ``checkpoint.prev.pt``), ``history.jsonl``, ``metrics.jsonl`` and
+``samples/``. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -40,12 +26,14 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .build import TrainingData, _mix, build_data, build_model, build_sde, configure_threads, generate, score_fn_of, to_unit_range
@@ -63,7 +51,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import PRESETS, Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, describe, get_preset, parse_overrides, validate
+from .config import (PRESETS, Config, ConfigError, _leaves, apply_overrides, config_from_dict, config_to_dict,
+                     describe, get_preset, parse_overrides, validate)
 from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
 from .score_matching import sde_loss
@@ -95,9 +84,7 @@ class TrainingStopped(RuntimeError):
         self.signum = signum
 
 
-# ----------------------------------------------------------------------------------------------
-# One optimizer step
-# ----------------------------------------------------------------------------------------------
+# ----- One optimizer step ---------------------------------------------------------------------
 def lr_at(step: int, tc) -> float:
     """Learning rate of optimizer step ``step`` (1-based): ``lr min(1, step / warmup)`` (score-SDE)."""
     return tc.lr * min(1.0, step / tc.warmup) if tc.warmup > 0 else tc.lr
@@ -118,22 +105,13 @@ def build_optimizer(tc, model: nn.Module, device: torch.device) -> torch.optim.A
                             weight_decay=tc.weight_decay, fused=fused or None)
 
 
-def train_step(
-    net: nn.Module,
-    opt: torch.optim.Optimizer,
-    sde,
-    micro_batches: Sequence[Tuple[Tensor, Optional[Tensor], torch.Generator]],
-    tc,
-    lr: float,
-    eps: Optional[float] = None,
-) -> Tuple[Tensor, Tensor]:
-    """One optimizer step over ``micro_batches`` (``(x, y or None, generator)`` each).
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, sde,
+               micro_batches: Sequence[Tuple[Tensor, Optional[Tensor], torch.Generator]], tc, lr: float,
+               eps: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """One optimizer step at rate ``lr`` over ``micro_batches`` (``(x, y or None, generator)`` each).
 
-    For each micro-batch: the DSM loss (bf16 autocast with ``mixed_precision``; the weighting
-    and time sampling of ``likelihood_weighting`` and ``importance_sampling``), backward of
-    ``loss / n``; then the global gradient norm is clipped to ``grad_clip`` (``<= 0``: not
-    clipped) and Adam steps at ``lr``. Gradients of all but the last micro-batch are not
-    all-reduced under DDP (``no_sync``). Returns ``(mean loss, gradient norm before clipping)``
+    Each micro-batch backpropagates its DSM loss / n (under DDP only the last one all-reduces);
+    ``grad_clip <= 0`` disables clipping. Returns ``(mean loss, gradient norm before clipping)``
     as 0-d tensors: nothing is read back to the host.
     """
     for group in opt.param_groups:
@@ -154,9 +132,7 @@ def train_step(
     return loss_sum, gnorm.detach()
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed plumbing and stop signals
-# ----------------------------------------------------------------------------------------------
+# ----- Distributed plumbing and stop signals --------------------------------------------------
 @dataclass
 class Dist:
     """Where this process sits: ``rank`` of ``world_size`` processes, its device."""
@@ -192,19 +168,14 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
 
 
 def setup_distributed(device_pref: str = "auto") -> Dist:
-    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE > 1``).
-
-    NCCL on GPUs, gloo on CPUs; a gloo group carries host-side flags (stop signals) so that
-    agreeing on them never waits for the GPU. Each rank uses ``cuda:LOCAL_RANK``.
-    """
+    """Join the process group when launched by ``torchrun`` (env ``WORLD_SIZE > 1``): NCCL on GPUs (rank
+    on ``cuda:LOCAL_RANK``), gloo on CPUs, and a gloo group for stop flags that never waits for the GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(device_pref, local)
     flags = None
     if world > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -215,8 +186,6 @@ def setup_distributed(device_pref: str = "auto") -> Dist:
 
 def _all_reduce(t: Tensor, d: Dist, op: str = "sum", group=None) -> Tensor:
     if d.enabled:
-        import torch.distributed as dist
-
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return t
 
@@ -224,8 +193,6 @@ def _all_reduce(t: Tensor, d: Dist, op: str = "sum", group=None) -> Tensor:
 def _broadcast_str(s: str, d: Dist) -> str:
     if not d.enabled:
         return s
-    import torch.distributed as dist
-
     obj = [s]
     dist.broadcast_object_list(obj, src=0)
     return obj[0]
@@ -234,9 +201,8 @@ def _broadcast_str(s: str, d: Dist) -> str:
 class StopSignals:
     """SIGINT and SIGTERM set a flag; the loop stops at the next step boundary, after a checkpoint.
 
-    Under ``torchrun`` the ranks agree on the flag (a MAX all-reduce of a host tensor over a gloo
-    group, every step) so that all of them stop after the same step. A second SIGINT stops at
-    once (``KeyboardInterrupt``).
+    Under ``torchrun`` the ranks agree on the flag every step (a MAX all-reduce over a gloo group),
+    so all stop after the same step. A second SIGINT stops at once (``KeyboardInterrupt``).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -245,8 +211,6 @@ class StopSignals:
         self.d, self.signum, self._previous = d, 0, {}
 
     def __enter__(self) -> "StopSignals":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -269,9 +233,7 @@ class StopSignals:
         return int(flag[0])  # a host tensor: no device sync
 
 
-# ----------------------------------------------------------------------------------------------
-# The run folder
-# ----------------------------------------------------------------------------------------------
+# ----- The run folder -------------------------------------------------------------------------
 REFUSED_ON_RESUME = ("model.", "sde.", "data.", "train.seed")
 """Config keys a resumed run cannot change: its checkpoint would not mean the same thing
 (``data.path`` may move, ``data`` may not otherwise change)."""
@@ -280,8 +242,6 @@ REFUSED_ON_RESUME = ("model.", "sde.", "data.", "train.seed")
 def config_changes(saved: Config, cfg: Config) -> Tuple[Dict[str, tuple], Dict[str, tuple]]:
     """``(refused, accepted)``: the keys whose values differ between ``saved`` and ``cfg``, as
     ``{key: (old, new)}``, split by :data:`REFUSED_ON_RESUME`."""
-    from .config import _leaves
-
     old = {k: getattr(o, n) for k, o, n, _ in _leaves(saved)}
     new = {k: getattr(o, n) for k, o, n, _ in _leaves(cfg)}
     diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k] and k != "preset"}
@@ -325,9 +285,7 @@ def _open_run_folder(run_dir: Path):
     return lock
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
+# ----- The loop -------------------------------------------------------------------------------
 @dataclass
 class _State:
     """Everything the loop updates: model, EMA, optimizer, the data, and where the run stands."""
@@ -376,9 +334,8 @@ def _build_state(cfg: Config, d: Dist, run_dir: Path) -> _State:
     opt = build_optimizer(tc, model, d.device)
     net: nn.Module = model
     if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if tc.compile:
         net = torch.compile(net)
     return _State(cfg, d, run_dir, sde, data, model, ema, opt, net)
@@ -416,7 +373,7 @@ def _resume_or_start(s: _State, resume: bool) -> None:
             raise CheckpointError(f"the config inside {run_dir / CHECKPOINT_NAME} is invalid: {err}") from None
         refused, changes = config_changes(saved_cfg, cfg)
         if refused:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
             raise ConfigError(f"{run_dir} holds a checkpoint of another run ({listed}): resuming would continue its "
                               f"weights under a different {', '.join(sorted({k.split('.')[0] for k in refused}))}. "
                               "Choose a new --run-dir, or drop those options.")
@@ -523,25 +480,15 @@ def _log(s: _State, sums: Tensor, n_logged: int, elapsed: float, pbar) -> None:
             pbar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.2g}")
 
 
-def train(
-    cfg: Config,
-    run_dir: Optional[os.PathLike] = None,
-    resume: bool = True,
-    progress: bool = True,
-    dist_info: Optional[Dist] = None,
-    note: Optional[str] = None,
-) -> Path:
-    """Train ``cfg`` into ``run_dir`` (resuming from its ``checkpoint.pt`` if there is one).
+def train(cfg: Config, run_dir: Optional[os.PathLike] = None, resume: bool = True, progress: bool = True,
+          dist_info: Optional[Dist] = None, note: Optional[str] = None) -> Path:
+    """Train ``cfg`` into ``run_dir`` (resuming from its ``checkpoint.pt`` if any); returns the folder.
 
-    ``note`` (the command line's choice of CPU threads) is printed under the start banner, so
-    that a config or data error stays a single line.
-
-    Returns the run folder. Raises :class:`TrainingDiverged` if the loss becomes NaN/inf (the
-    last good checkpoint is kept), :class:`TrainingStopped` after SIGINT/SIGTERM (with a
-    checkpoint), :class:`~minisgm.checkpoint.RunFolderBusy` if another process trains in
-    ``run_dir``, :class:`~minisgm.config.ConfigError` for a config that does not fit the run
-    folder's checkpoint, and :class:`~minisgm.checkpoint.CheckpointError` if an existing
-    checkpoint is corrupt or does not fit the model.
+    ``note`` is printed after the start banner (so that a config or data error stays one line).
+    Raises :class:`TrainingDiverged` on NaN/inf (the last good checkpoint kept),
+    :class:`TrainingStopped` after SIGINT/SIGTERM (with a checkpoint),
+    :class:`~minisgm.checkpoint.RunFolderBusy`, :class:`~minisgm.config.ConfigError` (a config
+    that does not fit the folder's checkpoint), :class:`~minisgm.checkpoint.CheckpointError`.
     """
     validate(cfg)
     tc = cfg.train
@@ -582,8 +529,6 @@ def train(
                 if d.is_main:
                     _append_jsonl(run_dir / "history.jsonl", {**outcome, "step": s.step, "time": time.time()})
         if d.enabled:
-            import torch.distributed as dist
-
             dist.barrier()
     finally:
         if lock is not None:
@@ -591,9 +536,7 @@ def train(
     return run_dir
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# ----- Command line ---------------------------------------------------------------------------
 def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minisgm.train",
@@ -627,9 +570,8 @@ def _saved_config(run_dir: Path) -> Optional[Config]:
 def resolve_config(argv: Sequence[str]) -> Tuple[Config, argparse.Namespace]:
     """Parse the command line into a config (exit code 2 with a one-line message on any error).
 
-    A run folder that holds a checkpoint (``--resume R``, or ``--run-dir R``) continues with
-    its saved config; only the options given change it (and :func:`train` refuses those that
-    would make the checkpoint meaningless).
+    A run folder with a checkpoint (``--resume R`` or ``--run-dir R``) keeps its saved config,
+    changed only by the options given (:func:`train` refuses those of :data:`REFUSED_ON_RESUME`).
     """
     parser = _arg_parser()
     args, rest = parser.parse_known_args(argv)
@@ -688,11 +630,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as err:
         return _fail(f"file-system error: {err.strerror or err}{f' ({err.filename})' if err.filename else ''}", 4)
     finally:
-        if d is not None and d.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if d is not None and d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
     if d.is_main:
         print(f"Run folder: {run_dir}")
         print(f"  config:      {run_dir / 'config.json'}")
