@@ -24,7 +24,7 @@ from torch import Tensor
 from .checks import check_int, check_number, check_positive
 from .sde import SDE, batch_time
 
-__all__ = ["GaussianMixture", "exact_score_fn"]
+__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn"]
 
 
 def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
@@ -40,14 +40,10 @@ def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
 class GaussianMixture:
     """Mixture ``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` in ``d`` dimensions.
 
-    Args:
-        means: ``[K, d]`` component means.
-        stds: ``[K]`` isotropic component standard deviations (``Sigma_k = std_k^2 I``), or a
-            float shared by all components. Exclusive with ``covs``.
-        weights: ``[K]`` non-negative mixing weights (normalised here); uniform if omitted.
-        covs: ``[K, d, d]`` full covariance matrices (symmetric positive definite).
-
-    Stored in float64, cast to the input's dtype and device when evaluated. Book: :ref:`sec-gmm-score`.
+    ``means [K, d]``; exactly one of ``stds`` (``[K]`` or one float: ``Sigma_k = std_k^2 I``) and
+    ``covs [K, d, d]`` (symmetric positive definite); ``weights [K]`` non-negative, normalised here,
+    uniform if omitted. Stored in float64, cast to the input's dtype and device when evaluated.
+    Book: :ref:`sec-gmm-score`.
     """
 
     def __init__(self, means, stds=None, weights=None, covs=None):
@@ -233,9 +229,6 @@ def exact_log_prob_fn(gmm: GaussianMixture, sde: SDE) -> Callable[[Tensor, Tenso
         return gmm.log_prob_and_score_noised(x, m, s)[0]
 
     return log_prob_fn
-
-
-__all__ += ["exact_log_prob_fn"]
 
 
 # ===== 2-D toy distributions. Book: :ref:`sec-ncsn-toy`.
@@ -569,12 +562,9 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
     else the 10000 test images. Batches are read with a restricted unpickler (pickles can run
     code) that builds only plain containers and numpy arrays; still, prefer the official archive.
 
-    Returns:
-        ``(images uint8 [N, 3, 32, 32], labels int64 [N])`` (names in :data:`CIFAR10_CLASSES`).
-
-    Raises:
-        FileNotFoundError: nothing at ``path`` (the message says where to get the archive).
-        ValueError: a missing member, a corrupt archive, a refused pickle or a malformed batch.
+    Returns ``(images uint8 [N, 3, 32, 32], labels int64 [N])`` (names in :data:`CIFAR10_CLASSES`).
+    Raises FileNotFoundError (nothing at ``path``; the message says where to get the archive) or
+    ValueError (a missing member, a corrupt archive, a refused pickle or a malformed batch).
     """
     import numpy as np
 
@@ -611,20 +601,15 @@ def _resize_crop(img, size: int):
 def load_image_folder(
     path: str | os.PathLike, image_size: int = 0, channels: int = 0
 ) -> Tuple[Tensor, Optional[Tensor], Tuple[str, ...]]:
-    """Every image file under ``path`` (recursively), as one ``uint8 [N, C, H, W]`` tensor.
+    """Every image file under ``path`` (recursively): ``(images uint8 [N, C, H, W], labels, classes)``.
 
     If every image lies in a sub-folder of ``path`` (``path/cat/1.png``), the first-level
-    sub-folders are the classes (sorted); otherwise there are no labels. ``image_size > 0``
-    resizes (shorter side, Lanczos) and centre-crops to ``image_size x image_size``; ``0`` keeps
-    the native size, which must then be the same for all. ``channels``: 1 (grey), 3 (RGB) or
-    ``0``: 1 if every image is grey, else 3.
-
-    Returns:
-        ``(images uint8 [N, C, H, W], labels int64 [N] or None, class names)``.
-
-    Raises:
-        FileNotFoundError / NotADirectoryError: no folder at ``path``.
-        ValueError: no image files, an unreadable file, or mixed sizes with ``image_size=0``.
+    sub-folders are the classes (sorted) and ``labels`` is ``int64 [N]``; otherwise ``None``.
+    ``image_size > 0`` resizes (shorter side, Lanczos) and centre-crops to ``image_size x
+    image_size``; ``0`` keeps the native size, which must then be the same for all. ``channels``:
+    1 (grey), 3 (RGB) or ``0``: 1 if every image is grey, else 3. Raises FileNotFoundError or
+    NotADirectoryError (no folder), ValueError (no image, an unreadable one, or mixed sizes with
+    ``image_size=0``).
     """
     import numpy as np
     from PIL import Image, UnidentifiedImageError

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .checks import check_choice, check_int, check_number, check_positive, check_tensor
 from .samplers import CountedScore, _eps, _finished, _ode_options, solve_ode
+from .score_matching import _projections
 from .sde import SDE, ScoreFn
 
 __all__ = ["log_likelihood", "divergence_exact", "divergence_hutchinson", "dequantize", "bits_per_dim", "bpd_from_logp"]
@@ -47,16 +48,6 @@ def divergence_hutchinson(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     return est / probes.shape[0]
 
 
-def _draw_probes(x: Tensor, kind: str, n_probes: int, generator: Optional[torch.Generator]) -> Tensor:
-    dev = generator.device if generator is not None else x.device
-    shape = (n_probes, *x.shape)
-    if kind == "gaussian":
-        u = torch.randn(shape, generator=generator, device=dev, dtype=x.dtype)
-    else:
-        u = torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
-    return u.to(x.device)
-
-
 def log_likelihood(
     score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: Optional[float] = None, rtol: float = 1e-5,
     atol: float = 1e-5, method: str = "dopri5", hutchinson: Optional[str] = None, n_probes: int = 1,
@@ -80,7 +71,9 @@ def log_likelihood(
     _ode_options(rtol, atol, method, None)
     eps = _eps(sde, eps)
     B = x.shape[0]
-    probes = None if hutchinson is None else _draw_probes(x, hutchinson, n_probes, generator)
+    probes = None  # Hutchinson probes are drawn once, before the solve
+    if hutchinson is not None:
+        probes = _projections((n_probes, *x.shape), hutchinson, generator, x.device, x.dtype)
     score = CountedScore(score_fn, detach=False)  # the divergence differentiates it
 
     def func(t: Tensor, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:

@@ -11,7 +11,6 @@ Book: :ref:`sec-score-matching`.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -20,7 +19,8 @@ from torch import Tensor
 from .checks import check_choice, check_like, check_positive, check_tensor, check_values
 from .sde import SDE, expand, randn_like
 
-__all__ = ["esm_loss", "ism_loss", "ssm_loss", "dsm_loss", "ncsn_loss", "sde_loss", "importance_sample_time"]
+__all__ = ["esm_loss", "ism_loss", "ssm_loss", "dsm_loss", "ncsn_loss", "sde_loss", "importance_sample_time",
+           "flow_matching_loss"]
 
 _REDUCTIONS = ("mean", "none")
 
@@ -283,6 +283,3 @@ def flow_matching_loss(
     tt = expand(t, x)
     v = _check_score(velocity_fn((1 - tt) * x + tt * z, t), x, "velocity_fn(x_t, t)")
     return _reduce(_sq_norm(v - (z - x)), reduction)
-
-
-__all__ += ["flow_matching_loss"]

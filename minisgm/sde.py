@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .checks import check_number, check_positive, check_tensor, check_values
 
-__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "batch_time", "expand", "randn_like"]
+__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "RectifiedFlowSDE", "batch_time", "expand",
+           "randn_like"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """A score model: ``score(x [B, ...], t [B]) -> tensor shaped like x``."""
@@ -309,6 +310,3 @@ class RectifiedFlowSDE(SDE):
 
     def prior_std(self) -> float:
         return self.T
-
-
-__all__ += ["RectifiedFlowSDE"]
