@@ -626,8 +626,7 @@ def load_image_folder(
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     rel = [p.relative_to(root) for p in files]
-    classes: Tuple[str, ...] = ()
-    labels = None
+    classes, labels = (), None
     if all(len(r.parts) > 1 for r in rel):
         classes = tuple(sorted({r.parts[0] for r in rel}))
         index = {c: i for i, c in enumerate(classes)}
@@ -642,8 +641,7 @@ def load_image_folder(
             raise ValueError(f"cannot read the image {p}: {err}") from None
     if channels == 0:
         channels = 1 if all(img.mode in ("1", "L", "I;16", "I") for img in opened) else 3
-    arrays = []
-    first = None
+    arrays, first = [], None
     for p, img in zip(files, opened):
         img = img.convert("L" if channels == 1 else "RGB")
         if image_size > 0:

@@ -170,8 +170,7 @@ def _infer_dtype_device(energy_fn, dtype, device):
 
 def _evaluate_on_grid(energy_fn, points: Tensor, batch_size: int) -> Tensor:
     chunks = []
-    for start in range(0, points.shape[0], batch_size):
-        x = points[start : start + batch_size]
+    for x in points.split(batch_size):
         energy = energy_fn(x)
         if not torch.is_tensor(energy) or energy.shape != (x.shape[0],):
             shape = list(energy.shape) if torch.is_tensor(energy) else type(energy).__name__
@@ -221,7 +220,6 @@ def normalized_log_prob_grid(
     with torch.no_grad():
         energy = _evaluate_on_grid(energy_fn, points, batch_size).to(torch.float64)
     log_z = torch.logsumexp(-energy + log_weights, dim=0)
-    d = points.shape[1]
     axes = tuple(torch.linspace(lo, hi, n_points, dtype=torch.float64) for lo, hi in zip(*_check_box(lows, highs)))
-    log_prob = (-energy - log_z).reshape([n_points] * d).cpu()
+    log_prob = (-energy - log_z).reshape([n_points] * points.shape[1]).cpu()
     return axes, log_prob, log_z.cpu()

@@ -137,9 +137,8 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
     except RuntimeError:
         shape = None
     if shape != x_known.shape:
-        raise ValueError(
-            f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape {list(x_known.shape)}"
-        )
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape "
+                         f"{list(x_known.shape)}")
     # Read once, before sampling: a mask that is not 0/1 would silently blend data and samples.
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (missing) and 1 (known)")

@@ -128,10 +128,9 @@ def bpd_from_logp(logp: Tensor, n_dims: int, n_levels: int, scale: float = 2.0) 
     ``bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2)`` (:func:`bits_per_dim`);
     ``logp`` is ``[B]`` (nats); returns ``[B]``.
     """
-    check_int("n_dims", n_dims)
+    D = check_int("n_dims", n_dims)
     n_levels = _check_levels(n_levels)
     check_positive("scale", scale)
-    D = n_dims
     return -(logp + D * math.log(scale) - D * math.log(n_levels)) / (D * math.log(2))
 
 

@@ -100,10 +100,8 @@ class SDE:
         raise NotImplementedError
 
     def marginal(self, x0: Tensor, t: Tensor | float) -> Tuple[Tensor, Tensor]:
-        """Mean and std of ``p(x_t | x_0)``: ``(alpha_t x0, sigma_t)``, shapes ``x0.shape`` and ``[B]``.
-
-        Song et al. (2021) eq. (29) (VE), (33) (VP), (34) (sub-VP).
-        """
+        """Mean and std of ``p(x_t | x_0)``: ``(alpha_t x0, sigma_t)``, shapes ``x0.shape`` and ``[B]``
+        (Song et al. 2021, eqs. 29 (VE), 33 (VP), 34 (sub-VP))."""
         t = batch_time(t, x0, self.T)
         alpha, sigma = self.marginal_coeffs(t)
         return expand(alpha, x0) * x0, sigma
@@ -214,8 +212,7 @@ class VESDE(SDE):
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
         if not self.exact_variance:
             return torch.ones_like(t), self.sigma(t)
-        sigma_t = (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
-        return torch.ones_like(t), sigma_t
+        return torch.ones_like(t), (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
 
     def prior_std(self) -> float:
         return self.sigma_max
