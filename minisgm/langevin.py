@@ -174,10 +174,8 @@ def geometric_sigmas(
 
 
 def recommended_sigma_max(x: Tensor, block: int = 2048) -> float:
-    """NCSNv2 technique 1: ``sigma_1`` = the largest pairwise Euclidean distance in the data.
-
-    ``x [N, ...]`` is flattened per sample; distances are formed in blocks of rows.
-    """
+    """NCSNv2 technique 1: ``sigma_1`` = the largest pairwise Euclidean distance in ``x [N, ...]``
+    (flattened per sample; distances formed in blocks of ``block`` rows)."""
     if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 2:
         raise ValueError("x must be a tensor of shape [N, ...] with N >= 2")
     xf = x.reshape(x.shape[0], -1).to(torch.promote_types(x.dtype, torch.float32))

@@ -248,7 +248,7 @@ def sde_loss(
         t, q = importance_sample_time(sde, x.shape[0], eps, generator, gen_device, x.dtype)
         t, q = t.to(x.device), q.to(x.device)
     else:
-        t = sde.sample_time(x.shape[0], eps, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+        t = sde.sample_time(x.shape[0], eps, generator, gen_device, x.dtype).to(x.device)
     x_t, z, sigma = sde.perturb(x, t, generator)
     s = _check_score(score_fn(x_t, t), x)
     std = expand(sigma, x)
