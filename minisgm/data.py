@@ -21,10 +21,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .checks import check_int, check_number
+from .checks import check_int, check_number, check_positive
 from .sde import SDE, batch_time
 
-__all__ = ["GaussianMixture", "exact_score_fn"]
+__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn"]
 
 
 def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
@@ -40,24 +40,13 @@ def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
 class GaussianMixture:
     """Mixture ``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` in ``d`` dimensions.
 
-    Args:
-        means: ``[K, d]`` component means.
-        stds: ``[K]`` isotropic component standard deviations (``Sigma_k = std_k^2 I``), or a
-            float shared by all components. Exclusive with ``covs``.
-        weights: ``[K]`` non-negative mixing weights (normalised here); uniform if omitted.
-        covs: ``[K, d, d]`` full covariance matrices (symmetric positive definite).
-
-    Everything is stored in float64 and cast to the input's dtype and device when evaluated.
+    ``means [K, d]``; exactly one of ``stds`` (``[K]`` or one float: ``Sigma_k = std_k^2 I``) and
+    ``covs [K, d, d]`` (symmetric positive definite); ``weights [K]`` non-negative, normalised here,
+    uniform if omitted. Stored in float64, cast to the input's dtype and device when evaluated.
     Book: :ref:`sec-gmm-score`.
     """
 
-    def __init__(
-        self,
-        means,
-        stds=None,
-        weights=None,
-        covs=None,
-    ):
+    def __init__(self, means, stds=None, weights=None, covs=None):
         means = _as_tensor("means", means, torch.float64)
         if means.dim() == 1:
             means = means[:, None]
@@ -96,7 +85,6 @@ class GaussianMixture:
             raise ValueError("weights must be non-negative with a positive sum")
         self.weights = weights / weights.sum()
 
-    # ----- basic properties ----------------------------------------------------------------
     @property
     def n_components(self) -> int:
         return self.means.shape[0]
@@ -126,14 +114,12 @@ class GaussianMixture:
         kind = "isotropic" if self._iso_var is not None else "full-covariance"
         return f"GaussianMixture(K={self.n_components}, d={self.dim}, {kind})"
 
-    # ----- transformations -----------------------------------------------------------------
     def noised(self, mean_coeff: float, std: float) -> "GaussianMixture":
         """The law of ``mean_coeff * x + std * z``, ``x ~ self``, ``z ~ N(0, I)``.
 
         Component ``k`` becomes ``N(m mu_k, m^2 Sigma_k + s^2 I)``; weights are unchanged.
         """
-        m = float(mean_coeff)
-        s = float(std)
+        m, s = float(mean_coeff), float(std)
         if not math.isfinite(m) or not math.isfinite(s) or s < 0:
             raise ValueError(f"need finite mean_coeff and std >= 0, got mean_coeff={mean_coeff}, std={std}")
         if self._iso_var is not None:
@@ -141,14 +127,9 @@ class GaussianMixture:
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(m * self.means, weights=self.weights, covs=m * m * self.covs + s * s * eye)
 
-    # ----- sampling ------------------------------------------------------------------------
     def sample(
-        self,
-        n: int,
-        generator: Optional[torch.Generator] = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        return_labels: bool = False,
+        self, n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32, return_labels: bool = False,
     ):
         """Draw ``n`` samples ``[n, d]`` (and their component labels ``[n]`` if asked)."""
         if not isinstance(n, int) or n < 0:
@@ -162,11 +143,8 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covs).to(gen_device)
         x = self.means.to(gen_device)[k] + (chol[k] @ z[:, :, None])[..., 0]
         x = x.to(device=device if device is not None else gen_device, dtype=dtype)
-        if return_labels:
-            return x, k.to(x.device)
-        return x
+        return (x, k.to(x.device)) if return_labels else x
 
-    # ----- density and score ---------------------------------------------------------------
     def _flat(self, x: Tensor) -> Tensor:
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -230,9 +208,8 @@ class GaussianMixture:
 def exact_score_fn(gmm: GaussianMixture, sde: SDE) -> Callable[[Tensor, Tensor], Tensor]:
     """The exact score ``grad log p_t(x)`` of the SDE's marginal when ``p_0`` is ``gmm``.
 
-    ``p_t`` is the law of ``alpha_t x_0 + sigma_t z``: the mixture ``gmm.noised(alpha_t, sigma_t)``, with
-    ``t`` free to vary across the batch. Returns ``score_fn(x [B, d], t [B]) -> [B, d]``.
-    Book: :ref:`sec-exact-scores`.
+    ``p_t`` is the mixture ``gmm.noised(alpha_t, sigma_t)``, ``t`` free to vary across the batch.
+    Returns ``score_fn(x [B, d], t [B]) -> [B, d]``. Book: :ref:`sec-exact-scores`.
     """
 
     def score_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -254,53 +231,35 @@ def exact_log_prob_fn(gmm: GaussianMixture, sde: SDE) -> Callable[[Tensor, Tenso
     return log_prob_fn
 
 
-__all__ += ["exact_log_prob_fn"]
-
-
-# =========================================================================================
-# 2-D toy distributions . Book: :ref:`sec-ncsn-toy`.
-#
-# Every sampler has the signature ``f(n, generator=None, device=None, dtype=torch.float32,
-# **shape_params) -> [n, 2]`` and is standardised to a common scale: centred at (about) the
-# origin and divided by one common factor (the shape is not distorted) so that the average
-# per-coordinate variance is about 1 (exactly 1 where the constant has a closed form, plus
-# the small ``noise``). This matches the data scale that the SDE defaults assume (VP prior
-# N(0, I); VE sigma_max = 50 >> the largest pairwise distance, NCSNv2 technique 1).
+# ===== 2-D toy distributions. Book: :ref:`sec-ncsn-toy`.
+# ``f(n, generator=None, device=None, dtype=torch.float32, **shape_params) -> [n, 2]``, centred
+# and divided by one factor (no distortion) so that the average per-coordinate variance is about
+# 1 (exactly 1 where it has a closed form, plus ``noise``): the scale the SDE defaults assume.
 # Randomness is drawn in float64 on the generator's device, then cast, so a seeded generator
 # gives the same points in every dtype.
-# =========================================================================================
 
 
 def _rand_device(generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def _finish(x: Tensor, device, dtype: torch.dtype) -> Tensor:
+def _finish(x: Tensor, device, dtype: torch.dtype, noise: float = 0.0, generator=None) -> Tensor:
+    """Add Gaussian ``noise`` (standardised units), then cast."""
+    if noise != 0:
+        x = x + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     return x.to(device=device if device is not None else x.device, dtype=dtype)
 
 
-def _add_noise(x: Tensor, noise: float, generator: Optional[torch.Generator]) -> Tensor:
-    if noise == 0:
-        return x
-    return x + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
 def two_moons(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    noise: float = 0.05,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, noise: float = 0.05,
 ) -> Tensor:
-    """Two interleaved half circles, ``[n, 2]``.
+    """Two interleaved half circles, ``[n, 2]`` (the shape of scikit-learn's ``make_moons``).
 
-    Upper moon ``(cos a, sin a)``, lower moon ``(1 - cos a, 1/2 - sin a)``, ``a ~ U[0, pi]``,
-    each with probability 1/2 (the shape of scikit-learn's ``make_moons``). Centred at the
-    exact mean ``(1/2, 1/4)`` and divided by the exact RMS standard deviation
-    ``sqrt((Var x + Var y) / 2)`` (about 0.705; both variances in closed form below), then
-    Gaussian ``noise`` (in the standardised units) is added.
+    Upper moon ``(cos a, sin a)``, lower moon ``(1 - cos a, 1/2 - sin a)``, ``a ~ U[0, pi]``, each
+    with probability 1/2; centred at the exact mean ``(1/2, 1/4)``, divided by the exact RMS std.
     """
     n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
     dev = _rand_device(generator)
@@ -309,24 +268,19 @@ def two_moons(
     x = torch.where(lower, 1 - torch.cos(a), torch.cos(a))
     y = torch.where(lower, 0.5 - torch.sin(a), torch.sin(a))
     # Exact moments: Var x = 1/2 + 1/4; Var y = (1/2 - 4/pi^2) + (2/pi - 1/4)^2.
-    var_x = 0.75
     var_y = 0.5 - 4 / math.pi**2 + (2 / math.pi - 0.25) ** 2
-    scale = math.sqrt((var_x + var_y) / 2)
+    scale = math.sqrt((0.75 + var_y) / 2)
     out = torch.stack([(x - 0.5) / scale, (y - 0.25) / scale], dim=1)
-    return _finish(_add_noise(out, noise, generator), device, dtype)
+    return _finish(out, device, dtype, noise, generator)
 
 
 def swiss_roll(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    noise: float = 0.05,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, noise: float = 0.05,
 ) -> Tensor:
     """The 2-D Swiss roll ``(a cos a, a sin a)``, ``a ~ U[3 pi / 2, 9 pi / 2]``, ``[n, 2]``.
 
-    Centred at the exact mean ``E[(a cos a, a sin a)]`` and divided by the exact RMS standard
-    deviation ``sqrt((E a^2 - |mean|^2) / 2)`` (about 6.79), then ``noise`` is added.
+    Centred at the exact mean and divided by the exact RMS std ``sqrt((E a^2 - |mean|^2) / 2)``.
     """
     n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
     lo, hi = 1.5 * math.pi, 4.5 * math.pi
@@ -338,22 +292,18 @@ def swiss_roll(
     scale = math.sqrt((ea2 - mx * mx - my * my) / 2)
     a = lo + length * torch.rand(n, generator=generator, device=_rand_device(generator), dtype=torch.float64)
     out = torch.stack([(a * torch.cos(a) - mx) / scale, (a * torch.sin(a) - my) / scale], dim=1)
-    return _finish(_add_noise(out, noise, generator), device, dtype)
+    return _finish(out, device, dtype, noise, generator)
 
 
 def checkerboard(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    n_squares: int = 4,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, n_squares: int = 4,
 ) -> Tensor:
     """Uniform density on the dark squares of an ``n_squares x n_squares`` board, ``[n, 2]``.
 
-    The board is ``[-sqrt(3), sqrt(3)]^2`` and square ``(i, j)`` is dark when ``i + j`` is
-    even. For even ``n_squares`` every row and column is half dark, so each coordinate is
-    exactly uniform on ``[-sqrt(3), sqrt(3)]``: mean 0, variance 1. The density has jumps, so
-    its score is a sum of Dirac walls: a hard case for score estimation.
+    The board is ``[-sqrt(3), sqrt(3)]^2``, square ``(i, j)`` dark when ``i + j`` is even; with
+    ``n_squares`` even each coordinate is uniform (mean 0, variance 1). The density jumps, so its
+    score is a sum of Dirac walls: a hard case for score estimation.
     """
     n = check_int("n", n, 0)
     k = check_int("n_squares", n_squares, 2)
@@ -366,23 +316,17 @@ def checkerboard(
     u = torch.rand(n, 2, generator=generator, device=dev, dtype=torch.float64)
     cell = torch.stack([i, j], dim=1).to(torch.float64)
     half = math.sqrt(3.0)
-    out = -half + (cell + u) * (2 * half / k)
-    return _finish(out, device, dtype)
+    return _finish(-half + (cell + u) * (2 * half / k), device, dtype)
 
 
 def rings(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    n_rings: int = 4,
-    noise: float = 0.04,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, n_rings: int = 4, noise: float = 0.04,
 ) -> Tensor:
     """Concentric circles of radii ``r_i = i R / n_rings``, ``i = 1..n_rings``, ``[n, 2]``.
 
-    Points are uniform along the total arc length (ring ``i`` has probability proportional to
-    ``r_i``). ``R`` is chosen so that ``E[r^2] / 2 = 1``: each coordinate has mean 0 and
-    variance exactly 1 before the ``noise`` is added.
+    Points are uniform along the total arc length (ring ``i`` has probability ``~ r_i``); ``R`` makes
+    ``E[r^2] / 2 = 1``: each coordinate has mean 0 and variance 1 (before ``noise``).
     """
     n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
     k = check_int("n_rings", n_rings)
@@ -397,85 +341,63 @@ def rings(
     a = 2 * math.pi * torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
     r = radius * unit[ring]
     out = torch.stack([r * torch.cos(a), r * torch.sin(a)], dim=1)
-    return _finish(_add_noise(out, noise, generator), device, dtype)
+    return _finish(out, device, dtype, noise, generator)
 
 
 def spirals(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    n_arms: int = 2,
-    turns: float = 1.5,
-    noise: float = 0.05,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, n_arms: int = 2, turns: float = 1.5, noise: float = 0.05,
 ) -> Tensor:
     """``n_arms`` interleaved Archimedean spirals, ``[n, 2]``.
 
-    Arm ``k`` (chosen uniformly) is ``r (cos(a + 2 pi k / n_arms), sin(a + 2 pi k / n_arms))``
-    with ``r = 2 sqrt(u)``, ``a = 2 pi turns sqrt(u)``, ``u ~ U[0, 1]`` (the density of ``r`` grows
-    like ``r``, as does the arc length, so points are roughly uniform along the arm). Then
-    ``E|x|^2 = 4 E[u] = 2``. For ``n_arms >= 2`` the law is symmetric under rotation by
-    ``2 pi / n_arms``, so the mean is exactly 0 and the average per-coordinate variance exactly
-    1 (before ``noise``); a single arm is off-centre.
+    Arm ``k`` (chosen uniformly) is ``r (cos(a + 2 pi k / n_arms), sin(a + 2 pi k / n_arms))`` with
+    ``r = 2 sqrt(u)``, ``a = 2 pi turns sqrt(u)``, ``u ~ U[0, 1]`` (roughly uniform along the arm), so
+    ``E|x|^2 = 2``. For ``n_arms >= 2`` the mean is exactly 0 (rotation symmetry); one arm is off-centre.
     """
     n, noise = check_int("n", n, 0), check_number("noise", noise, 0.0)
-    k = check_int("n_arms", n_arms)
-    if isinstance(turns, bool) or not isinstance(turns, (int, float)) or not turns > 0 or not math.isfinite(turns):
-        raise ValueError(f"turns must be a positive finite number, got {turns!r}")
+    k, turns = check_int("n_arms", n_arms), check_positive("turns", turns)
     dev = _rand_device(generator)
     u = torch.rand(n, generator=generator, device=dev, dtype=torch.float64)
     arm = torch.randint(0, k, (n,), generator=generator, device=dev).to(torch.float64)
     r = 2 * u.sqrt()
     a = 2 * math.pi * turns * u.sqrt() + 2 * math.pi * arm / k
     out = torch.stack([r * torch.cos(a), r * torch.sin(a)], dim=1)
-    return _finish(_add_noise(out, noise, generator), device, dtype)
+    return _finish(out, device, dtype, noise, generator)
 
 
 def eight_gaussians_mixture(radius: float = math.sqrt(2.0), std: float = 0.1) -> GaussianMixture:
     """Eight equally weighted isotropic Gaussians at angles ``2 pi k / 8`` on a circle.
 
-    Each coordinate has mean 0 and variance ``radius^2 / 2 + std^2`` (1.01 by default), and
-    the mixture's score (of every noised marginal too) is exact: see :func:`exact_score_fn`.
+    Each coordinate has mean 0 and variance ``radius^2 / 2 + std^2`` (1.01 by default); the
+    scores of the mixture and its noised marginals are exact (:func:`exact_score_fn`).
     """
-    radius = check_number("radius", radius, 0.0)
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0 or not math.isfinite(std):
-        raise ValueError(f"std must be a positive finite number, got {std!r}")
+    radius, std = check_number("radius", radius, 0.0), check_positive("std", std)
     a = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
     means = radius * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
     return GaussianMixture(means, stds=std)
 
 
 def eight_gaussians(
-    n: int,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    radius: float = math.sqrt(2.0),
-    std: float = 0.1,
+    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, radius: float = math.sqrt(2.0), std: float = 0.1,
 ) -> Tensor:
     """Samples ``[n, 2]`` of :func:`eight_gaussians_mixture` ``(radius, std)``."""
     n = check_int("n", n, 0)
-    gmm = eight_gaussians_mixture(radius, std)
-    x = gmm.sample(n, generator=generator, dtype=torch.float64)
+    x = eight_gaussians_mixture(radius, std).sample(n, generator=generator, dtype=torch.float64)
     return _finish(x, device, dtype)
 
 
 __all__ += ["two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture"]
 
 
-# =========================================================================================
-# scikit-learn's 8x8 handwritten digits. Book: :ref:`sec-digits`.
-# =========================================================================================
+# ===== scikit-learn's 8x8 handwritten digits. Book: :ref:`sec-digits`.
 
 
 def load_digits(return_int: bool = False, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
     """The 1797 8x8 handwritten digits shipped with scikit-learn (no download).
 
-    Each pixel is one of 17 grey levels ``k = 0..16`` (UCI "optdigits": counts of set pixels
-    in 4x4 blocks of a 32x32 bitmap). Returns ``(images, labels)``: images ``[1797, 1, 8, 8]``
-    of ``dtype`` with values ``k / 16`` in ``[0, 1]``, or the integer levels as ``int64`` if
-    ``return_int`` (for dequantised likelihoods, :func:`minisgm.likelihood.dequantize` with
-    17 levels); labels ``int64 [1797]`` in ``0..9``.
+    Returns ``(images [1797, 1, 8, 8], labels int64 [1797])``: images of ``dtype`` with values
+    ``k / 16``, or the 17 grey levels ``k = 0..16`` as ``int64`` if ``return_int`` (to dequantise).
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
@@ -496,9 +418,7 @@ def load_digits(return_int: bool = False, dtype: torch.dtype = torch.float32) ->
 __all__ += ["load_digits"]
 
 
-# =========================================================================================
-# CIFAR-10 (python version), read from a local copy. Book: :ref:`sec-cifar10`.
-# =========================================================================================
+# ===== CIFAR-10 (python version), read from a local copy. Book: :ref:`sec-cifar10`.
 
 CIFAR10_CLASSES: Tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -536,12 +456,10 @@ def _allowed_pickle_globals() -> dict:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only plain containers and numpy arrays.
+    """An unpickler that resolves only numpy's array reconstruction (plain containers need no import).
 
     ``pickle`` can call any importable function while loading (``os.system`` included), so a
-    doctored archive could run code. The CIFAR-10 batches need only dicts, lists, bytes, str,
-    ints (built by opcodes, no import) and numpy's array reconstruction; every other global
-    is refused with :class:`pickle.UnpicklingError`.
+    doctored archive could run code: every other global raises :class:`pickle.UnpicklingError`.
     """
 
     _allowed: Optional[dict] = None
@@ -621,8 +539,7 @@ def _locate_cifar10(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        candidates = [path, path / CIFAR10_FOLDER]
-        for folder in candidates:
+        for folder in (path, path / CIFAR10_FOLDER):
             if any((folder / name).is_file() for name in _CIFAR10_TRAIN + _CIFAR10_TEST):
                 return folder
         if (path / CIFAR10_ARCHIVE).is_file():
@@ -641,34 +558,21 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
     """Load CIFAR-10 from a local copy of the python-format archive (never downloads).
 
     ``path`` may be ``cifar-10-python.tar.gz`` itself, the extracted ``cifar-10-batches-py``
-    folder, or the folder that contains either. ``train=True`` reads ``data_batch_1..5``
-    (50000 images), else ``test_batch`` (10000). Each batch is a pickled dict whose
-    ``b"data"`` is ``uint8 [n, 3072]`` (row-major R, G, B planes of 32x32) and ``b"labels"``
-    a list of ints in ``0..9`` (names in :data:`CIFAR10_CLASSES`).
+    folder, or the folder that contains either. ``train=True`` reads the 50000 training images,
+    else the 10000 test images. Batches are read with a restricted unpickler (pickles can run
+    code) that builds only plain containers and numpy arrays; still, prefer the official archive.
 
-    Pickles can run code while loading, so batches are read with a restricted unpickler that
-    builds only plain containers and numpy arrays and refuses anything else; still, prefer an
-    archive from the official source.
-
-    Returns:
-        ``(images uint8 [N, 3, 32, 32], labels int64 [N])``.
-
-    Raises:
-        FileNotFoundError: nothing at ``path`` (the message says where to get the archive).
-        ValueError: a missing member, a truncated or corrupt archive, a refused pickle, or a
-            batch with the wrong dtype, shape or labels; the message names the file.
+    Returns ``(images uint8 [N, 3, 32, 32], labels int64 [N])`` (names in :data:`CIFAR10_CLASSES`).
+    Raises FileNotFoundError (nothing at ``path``; the message says where to get the archive) or
+    ValueError (a missing member, a corrupt archive, a refused pickle or a malformed batch).
     """
     import numpy as np
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     source = _locate_cifar10(Path(path).expanduser())
-    names = _CIFAR10_TRAIN if train else _CIFAR10_TEST
-    datas, labels = [], []
-    for where, raw in _read_cifar_members(source, names):
-        data, lab = _unpickle_batch(raw, where)
-        datas.append(data)
-        labels.append(lab)
+    members = _read_cifar_members(source, _CIFAR10_TRAIN if train else _CIFAR10_TEST)
+    datas, labels = zip(*(_unpickle_batch(raw, where) for where, raw in members))
     images = np.concatenate(datas).reshape(-1, 3, 32, 32)
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -676,9 +580,7 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
 __all__ += ["CIFAR10_CLASSES", "load_cifar10"]
 
 
-# =========================================================================================
-# Your own images: a folder of image files, or an array file. Book: :ref:`sec-scaling-up`.
-# =========================================================================================
+# ===== Your own images: a folder of image files, or an array file. Book: :ref:`sec-scaling-up`.
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """File suffixes :func:`load_image_folder` reads (case-insensitive)."""
@@ -699,22 +601,15 @@ def _resize_crop(img, size: int):
 def load_image_folder(
     path: str | os.PathLike, image_size: int = 0, channels: int = 0
 ) -> Tuple[Tensor, Optional[Tensor], Tuple[str, ...]]:
-    """Every image file under ``path`` (recursively), as one ``uint8 [N, C, H, W]`` tensor.
+    """Every image file under ``path`` (recursively): ``(images uint8 [N, C, H, W], labels, classes)``.
 
-    Labels come from the folder layout: if every image lies in a sub-folder of ``path``
-    (``path/cat/1.png``, ``path/dog/2.jpg``), the first-level sub-folders are the classes, in
-    sorted order; otherwise there are no labels. ``image_size > 0`` resizes each image (shorter
-    side, Lanczos) and crops its centre to ``image_size x image_size``; ``0`` keeps the native
-    size, which must then be the same for all. ``channels`` is 1 (grey) or 3 (RGB); ``0``
-    picks 1 if every image is grey, else 3.
-
-    Returns:
-        ``(images uint8 [N, C, H, W], labels int64 [N] or None, class names)``.
-
-    Raises:
-        FileNotFoundError / NotADirectoryError: no folder at ``path``.
-        ValueError: no image files, an unreadable file (named), or mixed sizes with
-            ``image_size=0`` (two examples named).
+    If every image lies in a sub-folder of ``path`` (``path/cat/1.png``), the first-level
+    sub-folders are the classes (sorted) and ``labels`` is ``int64 [N]``; otherwise ``None``.
+    ``image_size > 0`` resizes (shorter side, Lanczos) and centre-crops to ``image_size x
+    image_size``; ``0`` keeps the native size, which must then be the same for all. ``channels``:
+    1 (grey), 3 (RGB) or ``0``: 1 if every image is grey, else 3. Raises FileNotFoundError or
+    NotADirectoryError (no folder), ValueError (no image, an unreadable one, or mixed sizes with
+    ``image_size=0``).
     """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -731,8 +626,7 @@ def load_image_folder(
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     rel = [p.relative_to(root) for p in files]
-    classes: Tuple[str, ...] = ()
-    labels = None
+    classes, labels = (), None
     if all(len(r.parts) > 1 for r in rel):
         classes = tuple(sorted({r.parts[0] for r in rel}))
         index = {c: i for i, c in enumerate(classes)}
@@ -747,8 +641,7 @@ def load_image_folder(
             raise ValueError(f"cannot read the image {p}: {err}") from None
     if channels == 0:
         channels = 1 if all(img.mode in ("1", "L", "I;16", "I") for img in opened) else 3
-    arrays = []
-    first = None
+    arrays, first = [], None
     for p, img in zip(files, opened):
         img = img.convert("L" if channels == 1 else "RGB")
         if image_size > 0:
@@ -769,14 +662,10 @@ def load_image_folder(
 def load_npz(path: str | os.PathLike) -> Tuple[Tensor, Optional[Tensor]]:
     """Images from a NumPy ``.npz`` (or ``.npy``) file, as ``uint8 [N, C, H, W]``.
 
-    The images are the array ``images`` (or ``x``, or the file's only array): ``uint8`` (or
-    floats in ``[0, 1]``, rounded to 256 levels) of shape ``[N, H, W]``, ``[N, H, W, C]`` or
-    ``[N, C, H, W]`` with ``C`` in 1 or 3. Optional labels: the array ``labels`` (or ``y``),
-    integers ``[N]``. Read with ``allow_pickle=False``.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: an unreadable file, no image array, or an array of the wrong shape/type.
+    The images are the array ``images`` (or ``x``, or the only array): ``uint8`` (or floats in
+    ``[0, 1]``, rounded to 256 levels), ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]``, ``C``
+    in 1 or 3. Optional labels: the array ``labels`` (or ``y``), integers ``[N]``. Returns
+    ``(images, labels or None)``; raises FileNotFoundError, or ValueError for a bad file.
     """
     import numpy as np
 

@@ -1,15 +1,7 @@
-"""Energy-based models: an energy network, its score, and the partition function by quadrature.
+"""Energy-based models ``p(x) = exp(-E(x)) / Z``: an energy network, its score, and ``Z`` by quadrature.
 
-An energy-based model (EBM) defines a density through an energy ``E(x)``:
-
-    p(x) = exp(-E(x)) / Z,      Z = integral exp(-E(x)) dx.
-
-The normalising constant ``Z`` is an integral over the whole space. On a grid of ``n`` points
-per axis it costs ``n^d`` energy evaluations (:func:`quadrature_cost`), which is fine in one or
-two dimensions and hopeless beyond a handful. The score does not need it:
-
-    score(x) = grad_x log p(x) = -grad_x E(x)       (log Z does not depend on x).
-
+On a grid of ``n`` points per axis ``Z`` costs ``n^d`` energy evaluations (:func:`quadrature_cost`):
+fine in one or two dimensions, hopeless beyond a handful. The score ``-grad_x E(x)`` does not need it.
 LeCun, Chopra, Hadsell, Ranzato & Huang (2006), "A tutorial on energy-based learning";
 Song & Kingma (2021), "How to train your energy-based models", arXiv:2101.03288, eqs. (1)-(3).
 Book: :ref:`sec-ebm`, :ref:`sec-partition-quadrature`, :ref:`sec-ebm-score`.
@@ -26,11 +18,7 @@ from torch import Tensor, nn
 from .checks import check_int, check_number
 
 __all__ = [
-    "EnergyMLP",
-    "energy_score_fn",
-    "quadrature_cost",
-    "quadrature_grid",
-    "log_partition_quadrature",
+    "EnergyMLP", "energy_score_fn", "quadrature_cost", "quadrature_grid", "log_partition_quadrature",
     "normalized_log_prob_grid",
 ]
 
@@ -41,18 +29,10 @@ EnergyFn = Callable[..., Tensor]
 class EnergyMLP(nn.Module):
     """A scalar energy ``E_theta(x)``: an MLP with smooth (SiLU) activations, ``[B, d] -> [B]``.
 
-    ``E(x) = MLP(x) + confinement * ||x||^2 / 2``. The activations are smooth because score
-    matching differentiates the score ``-grad_x E`` once more: with ReLU the
-    Hessian of ``E`` would vanish almost everywhere. An MLP with SiLU grows at most linearly,
-    so ``exp(-E)`` need not be integrable on ``R^d``; any ``confinement > 0`` makes it so.
-
-    Args:
-        dim: data dimension ``d`` (inputs ``[B, d]`` or ``[B, ...]`` with ``d`` entries).
-        hidden: width of the hidden layers.
-        n_layers: number of hidden layers (``>= 1``).
-        confinement: weight ``alpha >= 0`` of the quadratic term ``alpha ||x||^2 / 2``.
-
-    Book: :ref:`sec-ebm`.
+    ``E(x) = MLP(x) + confinement * ||x||^2 / 2``. Smooth, because score matching differentiates
+    ``-grad_x E`` once more (with ReLU the Hessian would vanish almost everywhere). The MLP grows at
+    most linearly, so ``exp(-E)`` need not be integrable on ``R^d``; any ``confinement > 0`` makes it
+    so. Inputs ``[B, dim]`` or ``[B, ...]`` with ``dim`` entries. Book: :ref:`sec-ebm`.
     """
 
     def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, confinement: float = 0.0):
@@ -83,24 +63,12 @@ class EnergyMLP(nn.Module):
 
 
 def energy_score_fn(energy_fn: EnergyFn) -> Callable[..., Tensor]:
-    """The score of an EBM, ``score(x) = -grad_x E(x)``, computed by autograd.
+    """The score of an EBM, ``score(x, *args) = -grad_x E(x, *args)``, computed by autograd.
 
-    ``log Z`` is a constant in ``x``, so it drops out of the gradient: the score of an
-    unnormalised model is exact. Extra arguments (a time ``t`` or a noise level ``sigma``)
-    are passed through, so ``energy_fn(x, t)`` gives ``score(x, t)``.
-
-    When gradients are enabled the returned score keeps its graph (``create_graph=True``),
-    so a loss on the score can be back-propagated into the energy's parameters, and into
-    ``x`` itself if ``x.requires_grad`` (needed by implicit score matching). Under
-    ``torch.no_grad()`` the score is still computed, but detached.
-
-    Args:
-        energy_fn: ``energy(x [B, ...], *args) -> [B]``.
-
-    Returns:
-        ``score(x [B, ...], *args) -> tensor shaped like x``.
-
-    Book: :ref:`sec-ebm-score`. Song & Kingma (2021), eq. (3).
+    ``energy_fn(x [B, ...], *args) -> [B]``; extra arguments (``t``, ``sigma``) are passed through.
+    With gradients enabled the score keeps its graph (``create_graph=True``), so a loss on it trains
+    the energy, and reaches ``x`` itself if ``x.requires_grad`` (ISM); under ``torch.no_grad()`` it
+    is detached. Book: :ref:`sec-ebm-score`. Song & Kingma (2021), eq. (3).
     """
     if not callable(energy_fn):
         raise TypeError(f"energy_fn must be callable, got {type(energy_fn).__name__}")
@@ -127,12 +95,8 @@ def energy_score_fn(energy_fn: EnergyFn) -> Callable[..., Tensor]:
 
 
 def quadrature_cost(d: int, n_points: int) -> int:
-    """Number of energy evaluations of a tensor-product grid: ``n_points ** d``.
-
-    The error of a product rule with ``n`` points per axis is set by the spacing
-    ``h = (high - low) / (n - 1)``; keeping ``h`` fixed while ``d`` grows multiplies the cost
-    by ``n`` per dimension. Book: :ref:`sec-partition-quadrature`.
-    """
+    """Number of energy evaluations of a tensor-product grid: ``n_points ** d`` (a fixed spacing costs a
+    factor ``n`` per dimension). Book: :ref:`sec-partition-quadrature`."""
     return check_int("n_points", n_points) ** check_int("d", d)
 
 
@@ -161,38 +125,24 @@ def _log_weights_1d(low: float, high: float, n: int, rule: str) -> Tensor:
 
 
 def quadrature_grid(
-    lows: Sequence[float],
-    highs: Sequence[float],
-    n_points: int,
-    rule: str = "simpson",
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    max_points: int = 10**8,
+    lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None, max_points: int = 10**8,
 ) -> Tuple[Tensor, Tensor]:
     """Points and log-weights of a tensor-product quadrature rule on a box.
 
-    ``integral f(x) dx ~= sum_i w_i f(x_i)`` with ``n_points`` equispaced points per axis and
-    ``w_i`` the product of the 1-D trapezoid or Simpson weights (Simpson needs an odd
-    ``n_points``). Cost: ``n_points ** d`` points (:func:`quadrature_cost`).
-
-    Args:
-        lows, highs: the box ``[low_j, high_j]`` per axis, ``d`` numbers each.
-        n_points: points per axis (``>= 2``; odd ``>= 3`` for Simpson).
-        rule: ``"trapezoid"`` or ``"simpson"``.
-        dtype, device: of the returned points (log-weights are always float64).
-        max_points: refuse grids larger than this (the cost grows as ``n^d``).
+    ``integral f(x) dx ~= sum_i w_i f(x_i)``, ``n_points`` equispaced points per axis of the box
+    ``[lows_j, highs_j]``, ``w_i`` the product of the 1-D ``"trapezoid"`` or ``"simpson"`` weights
+    (Simpson needs an odd ``n_points``). ``dtype``, ``device`` are those of the points (log-weights
+    are float64); grids above ``max_points`` are refused.
 
     Returns:
-        ``(points [N, d], log_weights [N])`` with ``N = n_points ** d``, row-major order
-        (the last axis varies fastest, like ``torch.meshgrid(..., indexing="ij")``).
-
-    Book: :ref:`sec-partition-quadrature`.
+        ``(points [N, d], log_weights [N])``, ``N = n_points ** d``, the last axis varying fastest
+        (``torch.meshgrid(..., indexing="ij")``). Book: :ref:`sec-partition-quadrature`.
     """
     lows, highs = _check_box(lows, highs)
     if rule not in ("trapezoid", "simpson"):
         raise ValueError(f"rule must be 'trapezoid' or 'simpson', got {rule!r}")
-    if not isinstance(n_points, int) or isinstance(n_points, bool) or n_points < 2:
-        raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+    check_int("n_points", n_points, 2)
     if rule == "simpson" and n_points % 2 == 0:
         raise ValueError(f"Simpson's rule needs an odd n_points (an even number of intervals), got {n_points}")
     d = len(lows)
@@ -220,8 +170,7 @@ def _infer_dtype_device(energy_fn, dtype, device):
 
 def _evaluate_on_grid(energy_fn, points: Tensor, batch_size: int) -> Tensor:
     chunks = []
-    for start in range(0, points.shape[0], batch_size):
-        x = points[start : start + batch_size]
+    for x in points.split(batch_size):
         energy = energy_fn(x)
         if not torch.is_tensor(energy) or energy.shape != (x.shape[0],):
             shape = list(energy.shape) if torch.is_tensor(energy) else type(energy).__name__
@@ -231,42 +180,18 @@ def _evaluate_on_grid(energy_fn, points: Tensor, batch_size: int) -> Tensor:
 
 
 def log_partition_quadrature(
-    energy_fn: EnergyFn,
-    lows: Sequence[float],
-    highs: Sequence[float],
-    n_points: int,
-    rule: str = "simpson",
-    dtype: Optional[torch.dtype] = None,
-    device: torch.device | str | None = None,
-    batch_size: int = 65536,
+    energy_fn: EnergyFn, lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
+    dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None, batch_size: int = 65536,
 ) -> Tensor:
-    """``log Z = log integral exp(-E(x)) dx`` by a tensor-product quadrature rule on a box.
+    """``log Z = log integral exp(-E(x)) dx ~= logsumexp_i(-E(x_i) + log w_i)`` on a box (0-d float64).
 
-        log Z ~= logsumexp_i( -E(x_i) + log w_i )
-
-    Summing in log space keeps it finite when energies are large (``exp(-E)`` would
-    underflow or overflow). The mass outside the box is ignored, so the box must contain
-    the region where ``exp(-E)`` is not negligible. Cost: ``n_points ** d`` energy
-    evaluations, so this is a tool for ``d = 1, 2`` (and a demonstration of why it fails
-    beyond). Gradients flow into ``energy_fn``'s parameters unless called under
-    ``torch.no_grad()``: in 1-D and 2-D that gives exact maximum likelihood.
-
-    Args:
-        energy_fn: ``energy(x [B, d]) -> [B]``.
-        lows, highs: the integration box, ``d`` numbers each.
-        n_points: points per axis (odd for Simpson).
-        rule: ``"simpson"`` or ``"trapezoid"``. For a smooth density that decays inside the box both
-            converge exponentially in the number of points (Simpson is ``(4 T_h - T_2h) / 3``, so its
-            error is about a third of the trapezoid error at spacing ``2h``); the textbook
-            ``O(h^4)`` and ``O(h^2)`` hold where the integrand is cut off at the box.
-        dtype, device: where the energy is evaluated; default: the module's parameters, or
-            float64 on CPU for a plain function.
-        batch_size: points per energy call (bounds memory).
-
-    Returns:
-        A 0-d float64 tensor ``log Z``.
-
-    Book: :ref:`sec-partition-quadrature`.
+    The mass outside the box is ignored, so it must hold the region where ``exp(-E)`` matters.
+    Cost ``n_points ** d``: a tool for ``d = 1, 2``. Gradients flow into ``energy_fn``'s parameters
+    unless under ``torch.no_grad()`` (exact maximum likelihood in 1-D and 2-D). For a smooth density
+    that decays inside the box both rules converge exponentially; the textbook ``O(h^4)`` (Simpson)
+    and ``O(h^2)`` hold where the integrand is cut off. ``dtype``, ``device``: where the energy is
+    evaluated (default: the module's parameters, else float64 on CPU); ``batch_size`` points per
+    call. Book: :ref:`sec-partition-quadrature`.
     """
     if not callable(energy_fn):
         raise TypeError(f"energy_fn must be callable, got {type(energy_fn).__name__}")
@@ -279,24 +204,14 @@ def log_partition_quadrature(
 
 
 def normalized_log_prob_grid(
-    energy_fn: EnergyFn,
-    lows: Sequence[float],
-    highs: Sequence[float],
-    n_points: int,
-    rule: str = "simpson",
-    dtype: Optional[torch.dtype] = None,
-    device: torch.device | str | None = None,
-    batch_size: int = 65536,
+    energy_fn: EnergyFn, lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
+    dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None, batch_size: int = 65536,
 ) -> Tuple[Tuple[Tensor, ...], Tensor, Tensor]:
-    """``log p(x) = -E(x) - log Z`` on a grid, ready for ``contourf``/``plot``.
+    """``log p(x) = -E(x) - log Z`` on a grid, ready for ``contourf``/``plot``; detached, float64.
 
-    Returns:
-        ``(axes, log_prob, log_Z)``: ``axes`` is a tuple of ``d`` float64 ``[n_points]``
-        coordinate vectors, ``log_prob`` has shape ``[n_points] * d`` (``indexing="ij"``:
-        ``log_prob[i, j]`` is at ``(axes[0][i], axes[1][j])``; transpose it for
-        ``plt.contourf(x, y, ...)``) and ``log_Z`` is a 0-d tensor. All detached, float64.
-
-    Book: :ref:`sec-partition-quadrature`.
+    Returns ``(axes, log_prob, log_Z)``: ``d`` coordinate vectors ``[n_points]``, ``log_prob`` of
+    shape ``[n_points] * d`` with ``log_prob[i, j]`` at ``(axes[0][i], axes[1][j])`` (transpose it
+    for ``plt.contourf(x, y, ...)``), and a 0-d ``log_Z``. Book: :ref:`sec-partition-quadrature`.
     """
     if not callable(energy_fn):
         raise TypeError(f"energy_fn must be callable, got {type(energy_fn).__name__}")
@@ -305,7 +220,6 @@ def normalized_log_prob_grid(
     with torch.no_grad():
         energy = _evaluate_on_grid(energy_fn, points, batch_size).to(torch.float64)
     log_z = torch.logsumexp(-energy + log_weights, dim=0)
-    d = points.shape[1]
     axes = tuple(torch.linspace(lo, hi, n_points, dtype=torch.float64) for lo, hi in zip(*_check_box(lows, highs)))
-    log_prob = (-energy - log_z).reshape([n_points] * d).cpu()
+    log_prob = (-energy - log_z).reshape([n_points] * points.shape[1]).cpu()
     return axes, log_prob, log_z.cpu()

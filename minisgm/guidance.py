@@ -1,16 +1,11 @@
 """Controllable generation: guided scores, inpainting and colorization with an unconditional model.
 
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), sec. 5 and app. I.
-To sample ``p_0(x | y)`` run the reverse SDE with the conditional score, which Bayes' rule
-splits into the unconditional score and the gradient of a forward model (eq. 14, 48):
-
-    grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x).
-
-Every guided score here is again a ``score_fn(x [B, ...], t [B]) -> like x``, so it composes
-with every sampler of :mod:`minisgm.samplers`. Inpainting and colorization edit the state
-between steps: :func:`inpaint_sample` runs the samplers' own predictor-corrector update
-(:func:`minisgm.samplers.pc_update`) with a projection that puts the known entries back.
+through Stochastic Differential Equations", ICLR (arXiv:2011.13456), sec. 5 and app. I:
+``grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x)`` (eqs. 14, 48).
+Every guided score is again a ``score_fn(x [B, ...], t [B]) -> like x`` for any sampler of
+:mod:`minisgm.samplers`; inpainting and colorization run the samplers' predictor-corrector
+update (:func:`minisgm.samplers.pc_update`) with a projection that puts the known entries back.
 Book: :ref:`sec-guidance`.
 """
 
@@ -26,26 +21,14 @@ from torch import Tensor
 from .checks import check_callable, check_number, check_tensor, check_values
 from .data import GaussianMixture
 from .samplers import (
-    Callback,
-    CountedScore,
-    StepFn,
-    _finished,
-    _grid,
-    langevin_corrector_step,
-    pc_update,
-    reverse_diffusion_step,
-    sample_loop,
+    Callback, CountedScore, StepFn, _finished, _grid, langevin_corrector_step, pc_update,
+    reverse_diffusion_step, sample_loop,
 )
 from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
 __all__ = [
-    "classifier_guided_score",
-    "classifier_free_guided_score",
-    "gmm_class_logits_fn",
-    "inpaint_sample",
-    "colour_transform",
-    "to_grey",
-    "colorize_sample",
+    "classifier_guided_score", "classifier_free_guided_score", "gmm_class_logits_fn", "inpaint_sample",
+    "colour_transform", "to_grey", "colorize_sample",
 ]
 
 ClassifierFn = Callable[[Tensor, Tensor], Tensor]
@@ -54,11 +37,8 @@ ClassifierFn = Callable[[Tensor, Tensor], Tensor]
 
 # ----- labels -------------------------------------------------------------------------------
 def _labels(y, x: Tensor, n_classes: Optional[int] = None) -> Tensor:
-    """``y`` (an int or an integer tensor ``[B]``) as a long tensor ``[B]`` on x's device.
-
-    The range ``0..n_classes-1`` of a tensor's values is checked only in debug mode
-    (:mod:`minisgm.checks`); an int is checked here.
-    """
+    """``y`` (an int or an integer tensor ``[B]``) as a long tensor ``[B]`` on x's device; a tensor's
+    range ``0..n_classes-1`` is checked only in debug mode (:mod:`minisgm.checks`)."""
     if isinstance(y, bool):
         raise TypeError("class label y must be an int or an integer tensor [B], got a bool")
     if isinstance(y, int):
@@ -80,24 +60,13 @@ def _labels(y, x: Tensor, n_classes: Optional[int] = None) -> Tensor:
 
 # ----- classifier guidance ------------------------------------------------------------------
 def classifier_guided_score(score_fn: ScoreFn, classifier: ClassifierFn, y, scale: float = 1.0) -> ScoreFn:
-    """The score of ``p_t(x | y)`` (``scale = 1``) or of ``p_t(x) p_t(y | x)^scale``.
+    """The score of ``p_t(x) p_t(y | x)^scale``: ``score + scale * grad_x log softmax(classifier(x, t))[y]``.
 
-        score(x, t) + scale * grad_x log softmax(classifier(x, t))[y]
-
-    (Song et al. 2021, eq. 48 and app. I.1; the guidance scale of Dhariwal & Nichol 2021,
-    Algorithm 1). The classifier must be *noise-conditional*: trained on ``x_t``, not ``x_0``.
-    Its gradient is taken by autograd; the result is detached, like every score.
-
-    Args:
-        score_fn: the unconditional score ``score(x [B, ...], t [B]) -> like x``.
-        classifier: ``classifier(x, t) -> logits [B, K]``, e.g. a
-            :class:`~minisgm.models.TimeConditionedClassifier` or :func:`gmm_class_logits_fn`.
-        y: the target class, an int or a long tensor ``[B]`` (one class per sample).
-        scale: guidance scale ``>= 0``; ``0`` is unconditional, ``> 1`` sharpens
-            ``p(y | x)`` (less diversity, higher class fidelity).
-
-    Returns:
-        ``guided(x [B, ...], t [B]) -> like x``. Book: :ref:`sec-classifier-guidance`.
+    Song et al. (2021), eq. 48 and app. I.1; the scale of Dhariwal & Nichol (2021), Algorithm 1.
+    The classifier (``logits [B, K]``, e.g. a :class:`~minisgm.models.TimeConditionedClassifier` or
+    :func:`gmm_class_logits_fn`) must be *noise-conditional*: trained on ``x_t``, not ``x_0``.
+    ``y``: an int or a long tensor ``[B]``. ``scale >= 0``: ``0`` is unconditional, ``> 1`` trades
+    diversity for class fidelity. Book: :ref:`sec-classifier-guidance`.
     """
     check_callable("score_fn", score_fn, "score_fn(x, t)")
     check_callable("classifier", classifier, "classifier(x, t)")
@@ -122,23 +91,12 @@ def classifier_guided_score(score_fn: ScoreFn, classifier: ClassifierFn, y, scal
 def classifier_free_guided_score(cond_score_fn: Callable[..., Tensor], y, w: float, null=None) -> ScoreFn:
     """Classifier-free guidance: ``(1 + w) score(x, t, y) - w score(x, t, null)``.
 
-    One network learns the conditional and the unconditional score (labels are dropped to the
-    null class during training); their difference is the gradient of an *implicit* classifier,
-    ``grad log p_t(y | x) = score(x, t, y) - score(x, t, null)``, so this is classifier
-    guidance with scale ``1 + w`` (Ho & Salimans 2022, eq. 6, written for scores; ``w = 0`` is
-    the conditional model).
-
-    Args:
-        cond_score_fn: ``cond_score_fn(x, t, y) -> like x``, e.g. a
-            :class:`~minisgm.models.SmallUNet` or :class:`~minisgm.models.ScoreMLP` built with
-            ``num_classes``.
-        y: the target class, an int or a long tensor ``[B]``.
-        w: guidance strength ``>= 0``.
-        null: the label of the unconditional model; ``None`` (the default) is passed as is,
-            which the package's networks read as the null class.
-
-    Returns:
-        ``guided(x [B, ...], t [B]) -> like x``. Book: :ref:`sec-classifier-free`.
+    Classifier guidance with scale ``1 + w`` by the implicit classifier ``score(x, t, y) -
+    score(x, t, null)`` (Ho & Salimans 2022, eq. 6, for scores; ``w = 0`` is the conditional model).
+    ``cond_score_fn(x, t, y)``: e.g. a :class:`~minisgm.models.SmallUNet` or
+    :class:`~minisgm.models.ScoreMLP` built with ``num_classes``. ``y``: an int or a long tensor
+    ``[B]``. ``null=None`` is passed as is (the package's networks read it as the null class).
+    Book: :ref:`sec-classifier-free`.
     """
     check_callable("cond_score_fn", cond_score_fn, "cond_score_fn(x, t, y)")
     w = check_number("w", w, 0.0)
@@ -157,9 +115,8 @@ def classifier_free_guided_score(cond_score_fn: Callable[..., Tensor], y, w: flo
 def gmm_class_logits_fn(gmm: GaussianMixture, sde: SDE) -> ClassifierFn:
     """The exact noise-conditional classifier of a mixture whose components are the classes.
 
-    ``p_t`` is ``gmm.noised(alpha_t, sigma_t)``, so ``log p_t(k | x) = log w_k + log N(x; m mu_k,
-    m^2 Sigma_k + s^2 I) - log p_t(x)``; the logits returned are the first two terms.
-    Returns ``logits(x [B, d], t [B]) -> [B, K]``. Book: :ref:`sec-classifier-guidance`.
+    The logits ``log w_k + log N_k(x)`` of ``gmm.noised(alpha_t, sigma_t)`` (``log p_t(k | x)`` up to
+    ``log p_t(x)``): ``logits(x [B, d], t [B]) -> [B, K]``. Book: :ref:`sec-classifier-guidance`.
     """
 
     def logits(x: Tensor, t: Tensor) -> Tensor:
@@ -180,9 +137,8 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
     except RuntimeError:
         shape = None
     if shape != x_known.shape:
-        raise ValueError(
-            f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape {list(x_known.shape)}"
-        )
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to x_known's shape "
+                         f"{list(x_known.shape)}")
     # Read once, before sampling: a mask that is not 0/1 would silently blend data and samples.
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must contain only 0 (missing) and 1 (known)")
@@ -190,47 +146,20 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
 
 
 def inpaint_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_known: Tensor,
-    mask: Tensor,
-    n_steps: int,
-    *,
+    score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, n_steps: int, *,
     predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step,
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
-    eps: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    denoise: bool = True,
+    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
+    eps: Optional[float] = None, generator: Optional[torch.Generator] = None, denoise: bool = True,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """Fill in the missing entries of ``x_known`` with an unconditional score model (the replacement method).
 
-    Predictor-corrector sampling as :func:`~minisgm.samplers.pc_sample`, except that after
-    every update at time ``t`` the known entries are replaced by a fresh forward-noised copy
-    of the data,
-
-        x <- mask * (alpha_t x_known + sigma_t z) + (1 - mask) * x,
-
-    so the missing entries evolve under ``grad log p_t`` evaluated next to a plausible noisy
-    version of the known ones (Song et al. 2021, app. I.2). It is an approximation: the
-    exact conditional score is ``grad log p_t(x_miss | x_known)`` with ``x_known`` clean, and
-    the replaced copy is drawn independently of the current ``x_miss``. Corrector steps pull
-    the missing entries towards ``p_t(x_miss | noisy x_known)`` at every ``t`` and so reduce
-    the error. On return the known entries equal ``x_known`` exactly.
-
-    Args:
-        score_fn: unconditional score ``score(x [B, ...], t [B]) -> like x``.
-        x_known: ``[B, ...]``, the data; its entries where ``mask == 0`` are ignored.
-        mask: 1 (known) / 0 (missing), broadcastable to ``x_known`` (e.g. ``[1, C, H, W]``).
-        n_steps, eps, generator, denoise, callback: as in :func:`~minisgm.samplers.pc_sample`.
-        predictor, corrector, snr, n_corrector_steps: as in
-            :func:`~minisgm.samplers.pc_sample` (either step may be ``None``, not both).
-
-    Returns:
-        ``(x, nfe)``: ``x`` shaped like ``x_known`` and the number of score evaluations.
-        Book: :ref:`sec-inpainting`.
+    :func:`~minisgm.samplers.pc_sample` (same keyword arguments), except that after every update
+    at time ``t`` the known entries are replaced by ``alpha_t x_known + sigma_t z`` (Song et al.
+    2021, app. I.2). An approximation: the exact conditional score conditions on the clean
+    ``x_known``; corrector steps reduce the error. ``mask``: 1 (known) / 0 (missing), broadcastable
+    to ``x_known [B, ...]`` (e.g. ``[1, C, H, W]``). Returns ``(x, nfe)``; the known entries of ``x``
+    equal ``x_known`` exactly. Book: :ref:`sec-inpainting`.
     """
     mask = _check_mask(mask, x_known)
     grid = _grid(sde, n_steps, eps, None)
@@ -256,10 +185,8 @@ def inpaint_sample(
 def colour_transform(n_channels: int = 3, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """An orthogonal ``[C, C]`` matrix ``M`` whose first row is ``(1, ..., 1) / sqrt(C)``.
 
-    ``u = M x`` (per pixel) decouples the channels: ``u_0 = sqrt(C) * grey(x)`` carries the
-    grey value, the other ``C - 1`` coordinates the colour. The rows are the Helmert basis,
-    ``M_k = (1, ..., 1, -k, 0, ..., 0) / sqrt(k (k + 1))`` (``k`` ones), for ``k = 1..C-1``.
-    ``M^{-1} = M^T``. Book: :ref:`sec-colorization` (Song et al. 2021, app. I.3).
+    ``u = M x`` (per pixel): ``u_0 = sqrt(C) grey(x)``, the other rows (the Helmert basis) the
+    colour; ``M^{-1} = M^T``. Book: :ref:`sec-colorization` (Song et al. 2021, app. I.3).
     """
     if isinstance(n_channels, bool) or not isinstance(n_channels, int) or n_channels < 2:
         raise ValueError(f"n_channels must be an int >= 2, got {n_channels!r}")
@@ -287,32 +214,14 @@ def _apply(M: Tensor, x: Tensor) -> Tensor:
 
 
 def colorize_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    grey: Tensor,
-    n_steps: int,
-    *,
-    n_channels: int = 3,
-    **inpaint_kwargs,
+    score_fn: ScoreFn, sde: SDE, grey: Tensor, n_steps: int, *, n_channels: int = 3, **inpaint_kwargs,
 ) -> Tuple[Tensor, int]:
-    """Colour images ``[B, C, H, W]`` whose channel mean is ``grey [B, 1, H, W]``.
+    """Colour images ``[B, C, H, W]`` whose channel mean is ``grey [B, 1, H, W]`` (on the data's scale).
 
-    Colorization is inpainting in decoupled colour coordinates (Song et al. 2021, app. I.3):
-    with the orthogonal :func:`colour_transform` ``M``, ``u = M x`` has the known grey value
-    ``u_0 = sqrt(C) grey`` and unknown colour coordinates ``u_1..u_{C-1}``. The forward SDE
-    is isotropic, so in ``u`` it is the same SDE and its score is ``M score(M^T u, t)``; we
-    inpaint channel 0 of ``u`` (:func:`inpaint_sample`) and return ``x = M^T u``, which has
-    ``to_grey(x) == grey`` up to rounding.
-
-    Args:
-        score_fn: unconditional score of colour images, ``score(x [B, C, H, W], t) -> like x``.
-        grey: ``[B, 1, H, W]`` grey images (channel means, on the data's scale).
-        n_channels: ``C``.
-        inpaint_kwargs: passed on to :func:`inpaint_sample` (predictor, corrector, snr,
-            n_corrector_steps, eps, generator, denoise, callback).
-
-    Returns:
-        ``(x, nfe)``. Book: :ref:`sec-colorization`.
+    Inpainting of the known ``u_0 = sqrt(C) grey`` in the coordinates ``u = M x`` of
+    :func:`colour_transform` (Song et al. 2021, app. I.3): the forward SDE is isotropic, so the
+    score in ``u`` is ``M score(M^T u, t)``. ``inpaint_kwargs`` go to :func:`inpaint_sample`.
+    Returns ``(x, nfe)``. Book: :ref:`sec-colorization`.
     """
     if not torch.is_tensor(grey) or not grey.dtype.is_floating_point or grey.dim() != 4 or grey.shape[1] != 1:
         shape = list(grey.shape) if torch.is_tensor(grey) else type(grey).__name__

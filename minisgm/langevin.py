@@ -1,25 +1,12 @@
-"""Langevin samplers driven by a score, and the NCSNv2 recipes for noise levels and step size.
+"""Langevin samplers (ULA, MALA, annealed) and the NCSNv2 recipes for noise levels and step size.
 
-* :func:`langevin_sample`: unadjusted Langevin algorithm (ULA),
-  ``x <- x + h * s(x) + sqrt(2 h) z``. Biased for h > 0 (book :ref:`sec-langevin`).
-* :func:`mala_sample`: Metropolis-adjusted Langevin (Roberts & Tweedie 1996), the same proposal
-  with an exact Metropolis-Hastings correction, so the target is exactly invariant.
-* :func:`annealed_langevin_sample`: Song & Ermon (2019), Algorithm 1, with the noise-conditional
-  score ``s(x, sigma)`` and the optional final denoising step of NCSNv2
-  (:ref:`sec-annealed-langevin`, :ref:`sec-denoising-step`).
-* ``recommended_*``, :func:`geometric_sigmas`: Song & Ermon (2020) "Improved techniques for
-  training score-based generative models" (NCSNv2), techniques 1, 2 and 4
-  (:ref:`sec-ncsnv2-techniques`).
+Book: :ref:`sec-langevin`, :ref:`sec-annealed-langevin`, :ref:`sec-denoising-step`,
+:ref:`sec-ncsnv2-techniques`. Song & Ermon (2019), Algorithm 1; Song & Ermon (2020), "Improved
+techniques for training score-based generative models" (NCSNv2), techniques 1, 2 and 4.
 
-Step convention (all three samplers, and NCSNv2's Algorithm 1): one step is
-``x + alpha * s + sqrt(2 alpha) z``. (Song & Ermon 2019 write ``alpha/2 * s + sqrt(alpha) z``,
-i.e. their alpha is twice ours.)
-
-Return values: every sampler returns ``(x, nfe)``, the final state and the number of score
-evaluations, like the SDE samplers of :mod:`minisgm.samplers`. ``callback(k, x)`` sees the
-state after step ``k``; :func:`mala_sample`'s callback also gets the step's acceptance mask,
-``callback(k, x, accepted)``, from which the acceptance rate follows.
-Randomness goes through the optional ``generator``; everything follows x0's device/dtype.
+Step convention (as NCSNv2's Algorithm 1): one step is ``x + alpha s + sqrt(2 alpha) z``; Song &
+Ermon 2019 write ``alpha/2 s + sqrt(alpha) z`` (their alpha is twice ours). Every sampler returns
+``(x, nfe)`` like :mod:`minisgm.samplers`; ``callback(k, x)`` sees the state after step ``k``.
 """
 
 from __future__ import annotations
@@ -31,49 +18,28 @@ import torch
 from torch import Tensor
 
 from .checks import check_int, check_like, check_positive, check_tensor
+from .score_matching import _sq_norm
 from .sde import randn_like
 
 __all__ = [
-    "langevin_sample",
-    "mala_sample",
-    "annealed_langevin_sample",
-    "geometric_sigmas",
-    "recommended_sigma_max",
-    "recommended_n_levels",
-    "recommended_step_size",
+    "langevin_sample", "mala_sample", "annealed_langevin_sample", "geometric_sigmas",
+    "recommended_sigma_max", "recommended_n_levels", "recommended_step_size",
 ]
-
-
-# ----- helpers ----------------------------------------------------------------------------
-def _check_x0(x0: Tensor) -> Tensor:
-    return check_tensor("x0", x0, floating=True)
-
-
-def _sq_norm(v: Tensor) -> Tensor:
-    return v.reshape(v.shape[0], -1).pow(2).sum(1)
 
 
 # ----- unadjusted and Metropolis-adjusted Langevin ----------------------------------------
 @torch.no_grad()
 def langevin_sample(
-    score_fn: Callable[[Tensor], Tensor],
-    x0: Tensor,
-    step_size: float,
-    n_steps: int,
-    *,
-    generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, Tensor], None]] = None,
+    score_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
+    generator: Optional[torch.Generator] = None, callback: Optional[Callable[[int, Tensor], None]] = None,
 ) -> Tuple[Tensor, int]:
     """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + h s(x_k) + sqrt(2 h) z_k``.
 
-    The Euler-Maruyama discretisation of ``dx = grad log p(x) dt + sqrt(2) dw``, whose
-    stationary law is ``p``; for ``h > 0`` the chain's stationary law is biased (on
-    ``N(0, tau^2)`` its variance is ``tau^2 / (1 - h / (2 tau^2))``). Runs every chain of the
-    batch ``x0 [B, ...]`` in parallel; ``callback(k, x)`` sees the state after step ``k``
-    (``k = 0..n_steps-1``). Returns ``(x [B, ...], nfe = n_steps)``.
-    Book: :ref:`sec-langevin`. Roberts & Tweedie (1996) (their "ULA").
+    Euler-Maruyama for ``dx = grad log p(x) dt + sqrt(2) dw``: biased for ``h > 0`` (on ``N(0, tau^2)``
+    the variance is ``tau^2 / (1 - h / (2 tau^2))``). Runs the chains of ``x0 [B, ...]`` in parallel;
+    ``nfe = n_steps``. Roberts & Tweedie (1996). Book: :ref:`sec-langevin`.
     """
-    x = _check_x0(x0).clone()
+    x = check_tensor("x0", x0, floating=True).clone()
     h = check_positive("step_size", step_size)
     check_int("n_steps", n_steps, 0)
     noise_scale = math.sqrt(2 * h)
@@ -97,28 +63,17 @@ def _autograd_score(log_prob_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor
 
 @torch.no_grad()
 def mala_sample(
-    log_prob_fn: Callable[[Tensor], Tensor],
-    x0: Tensor,
-    step_size: float,
-    n_steps: int,
-    *,
-    score_fn: Optional[Callable[[Tensor], Tensor]] = None,
-    generator: Optional[torch.Generator] = None,
+    log_prob_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
+    score_fn: Optional[Callable[[Tensor], Tensor]] = None, generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
 ) -> Tuple[Tensor, int]:
     """Metropolis-adjusted Langevin: a ULA proposal accepted with the MH probability.
 
-    Proposal ``y = x + h s(x) + sqrt(2 h) z``, i.e. ``q(y|x) = N(y; x + h s(x), 2 h I)``;
-    accept with probability ``min(1, p(y) q(x|y) / (p(x) q(y|x)))``, where
-    ``log q(x|y) - log q(y|x) = (||z||^2 - ||x - y - h s(y)||^2 / (2 h)) / 2``. The chain
-    leaves ``p`` exactly invariant for every ``h`` (Roberts & Tweedie 1996, "MALA").
-    ``log_prob_fn(x) -> [B]`` may be unnormalised; ``score_fn`` defaults to its autograd
-    gradient. ``callback(k, x, accepted)`` sees the state after step ``k`` and the ``[B]``
-    boolean mask of the chains whose proposal was accepted (average it for the acceptance
-    rate). Returns ``(x, nfe)`` with ``nfe = n_steps + 1`` score evaluations (the start and
-    every proposal). Book: :ref:`sec-mala`.
+    Leaves ``p`` exactly invariant for every ``h`` (Roberts & Tweedie 1996). ``log_prob_fn(x) -> [B]``
+    may be unnormalised; ``score_fn`` defaults to its autograd gradient. ``callback(k, x, accepted)``
+    also gets the ``[B]`` boolean acceptance mask. ``nfe = n_steps + 1``. Book: :ref:`sec-mala`.
     """
-    x = _check_x0(x0).clone()
+    x = check_tensor("x0", x0, floating=True).clone()
     h = check_positive("step_size", step_size)
     check_int("n_steps", n_steps, 0)
     score_fn = _autograd_score(log_prob_fn) if score_fn is None else score_fn
@@ -167,46 +122,34 @@ def _check_sigmas(sigmas, dtype: torch.dtype = torch.float64) -> Tensor:
 
 @torch.no_grad()
 def annealed_langevin_sample(
-    score_fn: Callable[[Tensor, Tensor], Tensor],
-    x0: Tensor,
-    sigmas: Sequence[float] | Tensor,
-    step_lr: float,
-    n_steps_each: int,
-    *,
-    denoise: bool = True,
-    generator: Optional[torch.Generator] = None,
+    score_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, sigmas: Sequence[float] | Tensor,
+    step_lr: float, n_steps_each: int, *, denoise: bool = True, generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, Tensor], None]] = None,
 ) -> Tuple[Tensor, int]:
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; NCSNv2 Algorithm 1).
 
-    For each level ``sigma_1 > ... > sigma_L``: ``alpha_i = step_lr * sigma_i^2 / sigma_L^2``
-    and ``n_steps_each`` steps ``x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z``. The
-    scaling keeps the "signal-to-noise" ``alpha_i / sigma_i^2`` the same at every level. With
-    ``denoise=True`` the last sample is replaced by Tweedie's posterior mean
-    ``x + sigma_L^2 s(x, sigma_L)`` (Jolicoeur-Martineau et al. 2020; NCSNv2 app. B), which
-    removes the residual noise of size ``sigma_L``.
-
-    ``score_fn(x [B, ...], sigma [B])``. ``callback(k, x)`` is called after every Langevin step
-    (``k`` counts all steps over all levels). Returns ``(x, nfe)`` with
-    ``nfe = L * n_steps_each + denoise``. Book: :ref:`sec-annealed-langevin`.
+    ``n_steps_each`` steps per level ``sigma_1 > ... > sigma_L`` with ``alpha_i = step_lr sigma_i^2 /
+    sigma_L^2``. ``denoise=True`` ends with Tweedie's ``x + sigma_L^2 s(x, sigma_L)``
+    (Jolicoeur-Martineau et al. 2020; NCSNv2 app. B). ``score_fn(x [B, ...], sigma [B])``; ``k`` of
+    ``callback(k, x)`` counts the steps of all levels; ``nfe = L * n_steps_each + denoise``.
+    Book: :ref:`sec-annealed-langevin`.
     """
-    x = _check_x0(x0).clone()
+    x = check_tensor("x0", x0, floating=True).clone()
     sig = _check_sigmas(sigmas, x.dtype)  # checked on the host, before the loop
     step_lr = check_positive("step_lr", step_lr)
     check_int("n_steps_each", n_steps_each, 0)
     alphas = [step_lr * r**2 for r in (sig / sig[-1]).tolist()]  # alpha_i = step_lr sigma_i^2 / sigma_L^2
     sig = sig.to(x.device)
     B = x.shape[0]
-    nfe, k = 0, 0
+    nfe = 0
     for i, alpha in enumerate(alphas):
         sigma_b = sig[i].expand(B)
         for _ in range(n_steps_each):
             s = check_like("score_fn", score_fn(x, sigma_b), x)
             x = x + alpha * s + math.sqrt(2 * alpha) * randn_like(x, generator)
-            nfe += 1
             if callback is not None:
-                callback(k, x)
-            k += 1
+                callback(nfe, x)
+            nfe += 1
     if denoise:
         x = x + sig[-1] ** 2 * check_like("score_fn", score_fn(x, sig[-1].expand(B)), x)
         nfe += 1
@@ -215,17 +158,11 @@ def annealed_langevin_sample(
 
 # ----- NCSNv2 recommendations -------------------------------------------------------------
 def geometric_sigmas(
-    sigma_max: float,
-    sigma_min: float,
-    n: int,
-    dtype: torch.dtype = torch.float64,
+    sigma_max: float, sigma_min: float, n: int, dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """``n`` noise levels in geometric progression from ``sigma_max`` down to ``sigma_min``.
-
-    ``sigma_i = sigma_max (sigma_min / sigma_max)^((i-1)/(n-1))``, shape ``[n]``, decreasing
-    (Song & Ermon 2019, sec. 4.2; constant ratio ``gamma = sigma_{i-1}/sigma_i``).
-    """
+    """``n`` noise levels ``[n]`` in geometric progression from ``sigma_max`` down to ``sigma_min``
+    (Song & Ermon 2019, sec. 4.2)."""
     sigma_max = check_positive("sigma_max", sigma_max)
     sigma_min = check_positive("sigma_min", sigma_min)
     if not sigma_max > sigma_min:
@@ -237,10 +174,8 @@ def geometric_sigmas(
 
 
 def recommended_sigma_max(x: Tensor, block: int = 2048) -> float:
-    """NCSNv2 technique 1: ``sigma_1`` = the largest pairwise Euclidean distance in the data.
-
-    ``x [N, ...]`` is flattened per sample; distances are formed in blocks of rows.
-    """
+    """NCSNv2 technique 1: ``sigma_1`` = the largest pairwise Euclidean distance in ``x [N, ...]``
+    (flattened per sample; distances formed in blocks of ``block`` rows)."""
     if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 2:
         raise ValueError("x must be a tensor of shape [N, ...] with N >= 2")
     xf = x.reshape(x.shape[0], -1).to(torch.promote_types(x.dtype, torch.float32))
@@ -264,10 +199,8 @@ def _level_overlap(gamma: float, dim: int) -> float:
 def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: float = 0.5) -> int:
     """NCSNv2 technique 2: number of geometric levels so adjacent noise shells overlap.
 
-    Solve ``Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5`` for
-    the ratio ``gamma > 1`` (bisection), then return the smallest ``L`` whose geometric ratio
-    ``(sigma_max/sigma_min)^(1/(L-1))`` is at most ``gamma``. The equation has a root only for
-    ``sqrt(2D) > 3``, i.e. ``dim >= 5``; lower dimensions raise ``ValueError`` (choose L by hand).
+    Solves :func:`_level_overlap` ``= target`` for the ratio ``gamma > 1`` (bisection) and returns the
+    smallest ``L`` with ``(sigma_max/sigma_min)^(1/(L-1)) <= gamma``. Needs ``dim >= 5`` (else ValueError).
     """
     sigma_min = check_positive("sigma_min", sigma_min)
     sigma_max = check_positive("sigma_max", sigma_max)
@@ -283,10 +216,7 @@ def recommended_n_levels(sigma_min: float, sigma_max: float, dim: int, target: f
         lo, hi = hi, 2.0 * hi
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if _level_overlap(mid, dim) > target:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if _level_overlap(mid, dim) > target else (lo, mid)
     gamma = 0.5 * (lo + hi)
     return int(math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9)) + 1
 
@@ -302,13 +232,10 @@ def _variance_ratio(u: float, gamma: float, n_steps_each: int) -> float:
 
 
 def recommended_step_size(sigmas: Sequence[float] | Tensor, n_steps_each: int) -> float:
-    """NCSNv2 technique 4: the ``step_lr`` (h) making the variance ratio below as close to 1 as possible.
+    """NCSNv2 technique 4: the ``step_lr`` (h) making :func:`_variance_ratio` as close to 1 as possible.
 
-    ``(1 - h/sigma_L^2)^(2M) (gamma^2 - 2 h / (sigma_L^2 - sigma_L^2 (1 - h/sigma_L^2)^2))
-    + 2 h / (sigma_L^2 - sigma_L^2 (1 - h/sigma_L^2)^2)`` is the variance of the Langevin
-    chain at level ``i`` after ``M = n_steps_each`` steps, relative to ``sigma_i^2``. It exceeds
-    1 for every ``h``, so we minimise it over ``h in (0, sigma_L^2)`` (bounded Brent search).
-    ``gamma`` is the geometric-mean ratio of consecutive ``sigmas``.
+    The ratio exceeds 1 for every ``h``, so it is minimised over ``h in (0, sigma_L^2)`` (bounded
+    Brent search); ``gamma`` is the geometric-mean ratio of consecutive ``sigmas``.
     """
     from scipy.optimize import minimize_scalar
 

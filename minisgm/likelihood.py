@@ -1,20 +1,10 @@
 """Exact likelihoods of score-based models through the probability-flow ODE, and bits per dim.
 
-The probability-flow ODE ``dx/dt = v(x, t) = f(x, t) - g(t)^2 score(x, t) / 2`` (Song et al.
-2021, eq. 13) is a continuous normalising flow, so along a solution the log-density obeys the
-instantaneous change of variables (Chen et al. 2018, "Neural Ordinary Differential
-Equations", thm. 1):
-
-    d log p_t(x_t) / dt = -div_x v(x_t, t).
-
-Integrating from ``eps`` to ``T``:
-
-    log p_eps(x_eps) = log p_T(x_T) + int_eps^T div_x v(x_t, t) dt,
-
-which we solve jointly with the ODE (Song et al. 2021, app. D.2). The divergence is exact
-(one backward pass per dimension, for small ``d``) or Hutchinson's estimate
-``E[u^T J u]``, ``E[u u^T] = I``, with probes drawn once per solve (Grathwohl et al. 2019,
-FFJORD). Book: :ref:`sec-likelihood`.
+The probability-flow ODE (Song et al. 2021, eq. 13) is a continuous normalising flow, so
+``log p_eps(x_eps) = log p_T(x_T) + int_eps^T div_x v(x_t, t) dt`` (Chen et al. 2018, thm. 1),
+solved jointly with the ODE (Song et al. 2021, app. D.2). The divergence is exact (one backward
+pass per dimension) or Hutchinson's estimate with probes drawn once per solve (Grathwohl et al.
+2019, FFJORD). Book: :ref:`sec-likelihood`.
 """
 
 from __future__ import annotations
@@ -27,6 +17,7 @@ from torch import Tensor
 
 from .checks import check_choice, check_int, check_number, check_positive, check_tensor
 from .samplers import CountedScore, _eps, _finished, _ode_options, solve_ode
+from .score_matching import _projections
 from .sde import SDE, ScoreFn
 
 __all__ = ["log_likelihood", "divergence_exact", "divergence_hutchinson", "dequantize", "bits_per_dim", "bpd_from_logp"]
@@ -57,52 +48,20 @@ def divergence_hutchinson(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     return est / probes.shape[0]
 
 
-def _draw_probes(x: Tensor, kind: str, n_probes: int, generator: Optional[torch.Generator]) -> Tensor:
-    dev = generator.device if generator is not None else x.device
-    shape = (n_probes, *x.shape)
-    if kind == "gaussian":
-        u = torch.randn(shape, generator=generator, device=dev, dtype=x.dtype)
-    else:
-        u = torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
-    return u.to(x.device)
-
-
 def log_likelihood(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    *,
-    eps: Optional[float] = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    hutchinson: Optional[str] = None,
-    n_probes: int = 1,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: Optional[float] = None, rtol: float = 1e-5,
+    atol: float = 1e-5, method: str = "dopri5", hutchinson: Optional[str] = None, n_probes: int = 1,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, int]:
     """``log p_eps(x)`` of the model's probability-flow ODE, by the instantaneous change of variables.
 
-    Solves ``d/dt (x_t, delta_t) = (v(x_t, t), div v(x_t, t))`` from ``t = eps`` (``x_eps = x``,
-    ``delta = 0``) to ``T`` with an adaptive solver, then
-    ``log p_eps(x) = prior_logp(x_T) + delta_T`` (Song et al. 2021, eq. 39 / app. D.2).
-
-    Args:
-        score_fn: ``score(x [B, ...], t [B]) -> like x``; differentiable in ``x``.
-        sde: the forward SDE (gives ``v`` and the prior).
-        x: data ``[B, ...]`` (float), read as a sample at time ``eps``.
-        eps: start time (``sde.eps`` if None).
-        rtol, atol: solver tolerances, applied to both ``x_t`` and ``delta_t``.
-        method: one of :data:`minisgm.samplers.ODE_METHODS`.
-        hutchinson: None for the exact divergence (``d`` backward passes per evaluation);
-            ``"gaussian"`` or ``"rademacher"`` for Hutchinson's estimator, with ``n_probes``
-            probes drawn once before the solve and averaged (FFJORD). The estimate of
-            ``log p`` is then unbiased, with variance ``~ 1/n_probes``.
-        generator: randomness of the probes.
-
-    Returns:
-        ``(logp [B], nfe)``: log-density in nats (no gradient attached) and the number of
-        velocity evaluations (each one ``score_fn`` forward plus the divergence's backward
-        passes). Book: :ref:`sec-likelihood`.
+    Solves ``d/dt (x_t, delta_t) = (v, div v)`` from ``eps`` (``x_eps = x``, ``delta = 0``) to ``T``,
+    then ``log p_eps(x) = prior_logp(x_T) + delta_T`` (Song et al. 2021, eq. 39 / app. D.2).
+    ``score_fn`` must be differentiable in ``x``; ``rtol``/``atol`` apply to ``x_t`` and ``delta_t``;
+    ``method`` is one of :data:`minisgm.samplers.ODE_METHODS`. ``hutchinson``: None (exact, ``d``
+    backward passes per evaluation), ``"gaussian"`` or ``"rademacher"`` (``n_probes`` probes from
+    ``generator``; unbiased, variance ``~ 1/n_probes``). Returns ``(logp [B] in nats, detached,
+    nfe)``. Book: :ref:`sec-likelihood`.
     """
     check_tensor("x", x, nonempty=True)
     if not x.dtype.is_floating_point:
@@ -112,7 +71,9 @@ def log_likelihood(
     _ode_options(rtol, atol, method, None)
     eps = _eps(sde, eps)
     B = x.shape[0]
-    probes = None if hutchinson is None else _draw_probes(x, hutchinson, n_probes, generator)
+    probes = None  # Hutchinson probes are drawn once, before the solve
+    if hutchinson is not None:
+        probes = _projections((n_probes, *x.shape), hutchinson, generator, x.device, x.dtype)
     score = CountedScore(score_fn, detach=False)  # the divergence differentiates it
 
     def func(t: Tensor, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
@@ -136,10 +97,9 @@ def dequantize(
 ) -> Tensor:
     """Uniform dequantisation ``u = (x_int + U) / n_levels``, ``U ~ U[0, 1)^D``: values in ``[0, 1)``.
 
-    ``x_int`` holds integer levels ``0..n_levels-1`` (any integer dtype, or floats with integer
-    values), shape ``[B, ...]``. The result has ``dtype`` (default: x_int's dtype if floating,
-    else float32) and ``floor(u * n_levels) = x_int``. Theis, van den Oord & Bethge (2016);
-    Ho et al. (2019, Flow++). Book: :ref:`sec-likelihood-bpd`.
+    ``x_int [B, ...]``: levels ``0..n_levels-1`` (integers, or floats with integer values). ``dtype``
+    defaults to x_int's if floating, else float32. Theis, van den Oord & Bethge (2016); Ho et al.
+    (2019, Flow++). Book: :ref:`sec-likelihood-bpd`.
     """
     n_levels = _check_levels(n_levels)
     if not torch.is_tensor(x_int):
@@ -165,51 +125,28 @@ def _check_levels(n_levels: int) -> int:
 def bpd_from_logp(logp: Tensor, n_dims: int, n_levels: int, scale: float = 2.0) -> Tensor:
     """Bits per dimension of integer data from the model log-density ``logp = log p_y(y)`` in model space.
 
-    ``bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2)``; see
-    :func:`bits_per_dim` for the derivation. ``logp`` is ``[B]`` (nats); returns ``[B]``.
+    ``bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2)`` (:func:`bits_per_dim`);
+    ``logp`` is ``[B]`` (nats); returns ``[B]``.
     """
-    check_int("n_dims", n_dims)
+    D = check_int("n_dims", n_dims)
     n_levels = _check_levels(n_levels)
     check_positive("scale", scale)
-    D = n_dims
     return -(logp + D * math.log(scale) - D * math.log(n_levels)) / (D * math.log(2))
 
 
 def bits_per_dim(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x_int: Tensor,
-    n_levels: int,
-    *,
-    scale: float = 2.0,
-    shift: float = -1.0,
-    generator: Optional[torch.Generator] = None,
-    dtype: torch.dtype = torch.float32,
-    eps: Optional[float] = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    hutchinson: Optional[str] = None,
-    n_probes: int = 1,
+    score_fn: ScoreFn, sde: SDE, x_int: Tensor, n_levels: int, *, scale: float = 2.0, shift: float = -1.0,
+    generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
+    eps: Optional[float] = None, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+    hutchinson: Optional[str] = None, n_probes: int = 1,
 ) -> Tuple[Tensor, int]:
     """Bits per dimension of integer data ``x_int [B, ...]`` (levels ``0..n_levels-1``) under the model.
 
-    Derivation. Three spaces: integer levels ``x`` in ``{0..n-1}^D``; ``u = (x + U)/n`` in
-    ``[0,1]^D`` (uniform dequantisation, :func:`dequantize`); the model's space
-    ``y = scale u + shift`` (``[-1, 1]`` with the defaults). A density ``p_y`` gives
-    ``p_u(u) = p_y(y) scale^D`` (change of variables), and the discrete model
-    ``P(x) = int_{[0,1)^D} p_u((x + U)/n) n^{-D} dU`` (each level's cell has volume ``n^{-D}``
-    in u-space). By Jensen, ``log P(x) >= E_U[log p_y(y) + D log scale - D log n]``, so one
-    dequantised draw gives an (in expectation) upper bound on the code length
-
-        bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2).
-
-    Check: a uniform ``p_u = 1`` on ``[0,1]^D`` gives exactly ``log2(n_levels)`` bits per dim
-    (4.09 for the 17-level digits, 8 for 256-level CIFAR-10). ``log p_y`` is the ODE likelihood
-    of :func:`log_likelihood` at ``t = eps`` (Song et al. 2021, sec. 4.3 and app. D.2).
-
-    Returns:
-        ``(bpd [B], nfe)``. Book: :ref:`sec-likelihood-bpd`.
+    ``x_int`` is dequantised (:func:`dequantize`) to ``u`` in ``[0, 1)^D`` and mapped to the model's
+    space ``y = scale u + shift``; by Jensen one draw bounds the code length (in expectation) by
+    ``bpd = -(log p_y(y) + D log(scale) - D log(n_levels)) / (D ln 2)``, with ``log p_y`` from
+    :func:`log_likelihood` (Song et al. 2021, sec. 4.3, app. D.2). A uniform ``p_u`` gives exactly
+    ``log2(n_levels)``. Returns ``(bpd [B], nfe)``. Book: :ref:`sec-likelihood-bpd`.
     """
     check_number("shift", shift)
     check_positive("scale", scale)

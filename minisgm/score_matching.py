@@ -1,24 +1,16 @@
-"""Score-matching objectives: explicit, implicit, sliced, denoising, noise-conditional, SDE.
+"""Score-matching objectives: explicit, implicit, sliced, denoising, noise-conditional, SDE, flow matching.
 
 All losses estimate (up to a model-independent constant) a weighted Fisher divergence
-
-    J(theta) = 1/2 E_x || s_theta(x) - grad_x log p(x) ||^2,
-
-so they share one convention: **the squared norm is summed over all data dimensions, carries
-the factor 1/2 of the papers, and is averaged over the batch** (``reduction="mean"``, a
-scalar). ``reduction="none"`` returns the ``[B]`` per-sample values instead (useful to
-measure an estimator's variance). Book: :ref:`sec-score-matching`.
-
-Score models here are callables. The unconditional ones of score matching are ``score(x) -> like
-x``; the noise-conditional one of NCSN is ``score(x, sigma[B])`` and the continuous-time
-one is ``score(x, t[B])``. An energy model fits the same mould through
-:func:`minisgm.ebm.energy_score_fn` (``score = -grad_x E``, differentiable, so it can be
-trained; ISM and SSM differentiate it once more).
+``1/2 E_x || s_theta(x) - grad_x log p(x) ||^2``, with one convention: **the squared norm is
+summed over all data dimensions, carries the factor 1/2 of the papers, and is averaged over the
+batch** (``reduction="mean"``; ``"none"`` returns the ``[B]`` per-sample values).
+Score models are callables ``score(x)``, ``score(x, sigma [B])`` (NCSN) or ``score(x, t [B])``
+(SDE); an energy model fits through :func:`minisgm.ebm.energy_score_fn`.
+Book: :ref:`sec-score-matching`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -27,30 +19,20 @@ from torch import Tensor
 from .checks import check_choice, check_like, check_positive, check_tensor, check_values
 from .sde import SDE, expand, randn_like
 
-__all__ = [
-    "esm_loss",
-    "ism_loss",
-    "ssm_loss",
-    "dsm_loss",
-    "ncsn_loss",
-    "sde_loss",
-    "importance_sample_time",
-]
+__all__ = ["esm_loss", "ism_loss", "ssm_loss", "dsm_loss", "ncsn_loss", "sde_loss", "importance_sample_time",
+           "flow_matching_loss"]
 
 _REDUCTIONS = ("mean", "none")
 
 
 # ----- validation helpers -----------------------------------------------------------------
-def _check_x(x: Tensor) -> Tensor:
+def _check_x(x: Tensor, reduction: str) -> Tensor:
+    check_choice("reduction", reduction, _REDUCTIONS)
     return check_tensor("x", x, floating=True, nonempty=True)
 
 
 def _check_score(s: Tensor, x: Tensor, what: str = "score_fn(x)") -> Tensor:
     return check_like(what, s, x)
-
-
-def _check_reduction(reduction: str) -> None:
-    check_choice("reduction", reduction, _REDUCTIONS)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -79,19 +61,15 @@ def _check_sigma(sigma, x: Tensor) -> Tensor:
 
 # ----- score matching (:ref:`sec-score-matching`) -----------------------------------------
 def esm_loss(
-    score_fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    target_score: Tensor | Callable[[Tensor], Tensor],
+    score_fn: Callable[[Tensor], Tensor], x: Tensor, target_score: Tensor | Callable[[Tensor], Tensor],
     reduction: str = "mean",
 ) -> Tensor:
     """Explicit score matching ``1/2 E || s(x) - grad log p(x) ||^2`` (needs the true score).
 
-    Hyvarinen (2005), eq. (2). Args: ``x [B, ...]``; ``target_score`` a tensor shaped like
-    ``x`` or a callable ``x -> like x``. Returns a scalar (or ``[B]`` with
-    ``reduction="none"``). Book: :ref:`sec-esm`.
+    Hyvarinen (2005), eq. (2). ``target_score``: a tensor shaped like ``x [B, ...]`` or a callable
+    ``x -> like x``. Book: :ref:`sec-esm`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     target = target_score(x) if callable(target_score) else target_score
     _check_score(target, x, "target_score")
     s = _check_score(score_fn(x), x)
@@ -101,13 +79,11 @@ def esm_loss(
 def ism_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, reduction: str = "mean") -> Tensor:
     """Implicit score matching ``E[ tr(grad_x s(x)) + 1/2 ||s(x)||^2 ]`` with the exact trace.
 
-    Hyvarinen (2005), Theorem 1: equals the ESM loss minus the model-independent
-    constant ``1/2 E ||grad log p||^2``. The Jacobian trace ``sum_i d s_i / d x_i`` costs one
-    backward pass per data dimension ``D``, each with ``create_graph=True`` so the loss can be
-    trained. ``x [B, ...]`` of any trailing shape. Book: :ref:`sec-ism`.
+    Hyvarinen (2005), Theorem 1: the ESM loss minus the constant ``1/2 E ||grad log p||^2``. The
+    trace costs one backward pass per data dimension (``create_graph=True``, so the loss can be
+    trained). Book: :ref:`sec-ism`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         s = _check_score(score_fn(xg), xg)
@@ -135,26 +111,17 @@ def _projections(shape, kind: str, generator, device, dtype) -> Tensor:
 
 
 def ssm_loss(
-    score_fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    n_projections: int = 1,
-    variance_reduction: bool = False,
-    projection: str = "gaussian",
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
+    score_fn: Callable[[Tensor], Tensor], x: Tensor, n_projections: int = 1, variance_reduction: bool = False,
+    projection: str = "gaussian", generator: Optional[torch.Generator] = None, reduction: str = "mean",
 ) -> Tensor:
     """Sliced score matching ``E_x E_v [ v^T grad_x s(x) v + 1/2 (v^T s(x))^2 ]``.
 
-    Song, Garg, Shi & Ermon (2019), sec. 3. With ``variance_reduction=True`` the second term
-    is replaced by its exact expectation over ``v`` (E[v v^T] = I), giving SSM-VR
-    ``E[ v^T J v + 1/2 ||s||^2 ]``. ``v`` is standard Gaussian or Rademacher
-    (``projection``); both have ``E[v v^T] = I`` so both are unbiased for ISM. ``v^T J v`` is
-    one Jacobian-vector product, i.e. one backward pass for all ``n_projections`` at once
-    (``x`` is repeated). The per-sample value averages over the projections.
-    Book: :ref:`sec-ssm`.
+    Song, Garg, Shi & Ermon (2019), sec. 3. ``variance_reduction=True`` takes the second term's
+    exact expectation ``1/2 ||s||^2`` (SSM-VR). ``v`` is standard Gaussian or Rademacher
+    (``projection``); one backward pass serves all ``n_projections`` (``x`` is repeated), and the
+    per-sample value averages over them. Book: :ref:`sec-ssm`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     if not isinstance(n_projections, int) or isinstance(n_projections, bool) or n_projections < 1:
         raise ValueError(f"n_projections must be a positive int, got {n_projections!r}")
     B = x.shape[0]
@@ -175,20 +142,15 @@ def ssm_loss(
 
 
 def dsm_loss(
-    score_fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    sigma: float | Tensor,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
+    score_fn: Callable[[Tensor], Tensor], x: Tensor, sigma: float | Tensor,
+    generator: Optional[torch.Generator] = None, reduction: str = "mean",
 ) -> Tensor:
     """Denoising score matching ``1/2 E || s(x + sigma z) + z / sigma ||^2``, ``z ~ N(0, I)``.
 
-    Vincent (2011), the DSM objective: the target ``grad log q(x~|x) = -(x~ - x)/sigma^2 = -z/sigma``.
-    Minimised by the score of the noised law ``q_sigma = p * N(0, sigma^2 I)`` (the book's notation), not of ``p``.
-    ``sigma`` a positive scalar or ``[B]``. Book: :ref:`sec-dsm`.
+    Vincent (2011). Minimised by the score of the noised law ``q_sigma = p * N(0, sigma^2 I)``, not
+    of ``p``. ``sigma``: a positive scalar or ``[B]``. Book: :ref:`sec-dsm`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     sig = expand(_check_sigma(sigma, x), x)
     z = randn_like(x, generator)
     x_tilde = x + sig * z
@@ -198,21 +160,16 @@ def dsm_loss(
 
 # ----- noise-conditional score networks -----------------------------------------------
 def ncsn_loss(
-    score_fn: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    sigmas: Sequence[float] | Tensor,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
+    score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Sequence[float] | Tensor,
+    generator: Optional[torch.Generator] = None, reduction: str = "mean",
 ) -> Tensor:
     """NCSN objective ``1/L sum_i sigma_i^2 * 1/2 E|| s(x~, sigma_i) + z/sigma_i ||^2``.
 
-    Song & Ermon (2019), eqs. (5)-(6) with ``lambda(sigma) = sigma^2``; the sum over levels is
-    estimated by one uniformly drawn level per sample, and the weighted term is written
-    ``1/2 || sigma s(x + sigma z, sigma) + z ||^2`` (same value, better conditioned).
+    Song & Ermon (2019), eqs. (5)-(6) with ``lambda(sigma) = sigma^2``, one uniformly drawn level per
+    sample, written ``1/2 || sigma s(x + sigma z, sigma) + z ||^2`` (same value, better conditioned).
     ``score_fn(x [B, ...], sigma [B])``. Book: :ref:`sec-ncsn-loss`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     if not torch.is_tensor(sigmas):  # a Python sequence is checked for free
         for v in sigmas:
             check_positive("sigmas (every level)", v)
@@ -235,26 +192,16 @@ _IS_CELLS = 1024  # cells of the inverse-CDF table of the importance-sampling de
 
 
 def importance_sample_time(
-    sde: SDE,
-    batch_size: int,
-    eps: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    sde: SDE, batch_size: int, eps: Optional[float] = None, generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
     """Times ``t`` on ``[eps, T]`` with density ``q(t)`` proportional to ``g(t)^2 / sigma_t^2``.
 
-    Returns ``(t, q(t))``, each ``[batch_size]``. By the moment equation of a linear SDE,
-    ``d s^2/dt = 2 a s^2 + g^2`` with ``a = m'/m``, the density is ``g^2 / s^2 = -2 d lambda/dt``
-    for the log-SNR ``lambda_t = log(alpha_t/sigma_t)``: its CDF is
-    ``F(t) = (lambda(eps) - lambda(t)) / (lambda(eps) - lambda(T))``, i.e. ``lambda(t)`` is
-    uniform. ``F`` is tabulated from ``sde.marginal_coeffs`` on a geometric grid of
-    ``_IS_CELLS`` cells (float64) and inverted by linear interpolation, so ``t`` has the
-    piecewise-constant density ``q = dF/dt`` of that interpolant, which is what is returned:
-    dividing by it is exactly unbiased whatever the table's resolution. Needs ``eps > 0``
-    (``lambda(0)`` is infinite). Song, Durkan, Murray & Ermon (2021) reduce the variance of the
-    likelihood weighting by importance sampling; Kingma, Salimans, Poole & Ho (2021) note that
-    it is flat in the log-SNR. Book: :ref:`sec-sde-loss-is`.
+    Returns ``(t, q(t))``, each ``[batch_size]``. ``g^2 / sigma^2 = -2 d lambda/dt`` for the log-SNR
+    ``lambda_t = log(alpha_t/sigma_t)``, so ``lambda(t)`` is uniform. Its CDF is tabulated on a geometric
+    grid (float64) and inverted by linear interpolation; the returned ``q`` is the exact density of that
+    interpolant, so dividing by it is unbiased at any resolution. Needs ``eps > 0``. Song, Durkan, Murray
+    & Ermon (2021); Kingma, Salimans, Poole & Ho (2021). Book: :ref:`sec-sde-loss-is`.
     """
     eps = sde.eps if eps is None else eps
     if not (isinstance(eps, (int, float)) and 0 < eps < sde.T):
@@ -277,30 +224,20 @@ def importance_sample_time(
 
 
 def sde_loss(
-    score_fn: Callable[[Tensor, Tensor], Tensor],
-    sde: SDE,
-    x: Tensor,
-    eps: Optional[float] = None,
-    likelihood_weighting: bool = False,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
+    score_fn: Callable[[Tensor, Tensor], Tensor], sde: SDE, x: Tensor, eps: Optional[float] = None,
+    likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None, reduction: str = "mean",
     importance_sampling: bool = False,
 ) -> Tensor:
     """Continuous-time DSM ``E_t omega(t) * 1/2 E|| s_theta(x_t, t) + z / sigma_t ||^2``, ``t ~ U[eps, T]``.
 
-    Song et al. (2021), eq. (7), with ``x_t = alpha_t x_0 + sigma_t z`` drawn by ``sde.perturb``.
-    Default weighting ``omega(t) = sigma_t^2``, written as ``1/2 || sigma_t s_theta(x_t, t) + z ||^2``;
-    ``likelihood_weighting=True`` uses ``omega(t) = g(t)^2``, which makes ``T - eps`` times the
-    loss an upper bound on ``KL(p_eps || p_theta)`` up to a constant (Song, Durkan, Murray &
-    Ermon 2021, Theorem 1). ``importance_sampling=True`` (only with the likelihood weighting)
-    draws ``t`` from :func:`importance_sample_time`, density ``q(t) ~ g^2/sigma_t^2``, and divides
-    by ``(T - eps) q(t)``: the same expectation with a much smaller variance, each sample being
-    ``1/2 || sigma_t s_theta + z ||^2`` times a nearly constant weight. ``eps`` defaults to
-    ``sde.eps``. ``score_fn(x [B, ...], t [B])``. Book: :ref:`sec-sde-loss`,
-    :ref:`sec-sde-loss-is`.
+    Song et al. (2021), eq. (7). Default ``omega(t) = sigma_t^2``, as ``1/2 || sigma_t s_theta + z ||^2``;
+    ``likelihood_weighting=True`` uses ``omega(t) = g(t)^2``: ``(T - eps)`` times the loss bounds
+    ``KL(p_eps || p_theta)`` up to a constant (Song, Durkan, Murray & Ermon 2021, Theorem 1).
+    ``importance_sampling=True`` (with the likelihood weighting only) draws ``t`` from
+    :func:`importance_sample_time` and divides by ``(T - eps) q(t)``: same expectation, much smaller
+    variance. ``eps`` defaults to ``sde.eps``. Book: :ref:`sec-sde-loss`, :ref:`sec-sde-loss-is`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     eps = sde.eps if eps is None else eps
     if not (isinstance(eps, (int, float)) and 0 <= eps < sde.T):
         raise ValueError(f"eps must be a number in [0, {sde.T}), got {eps!r}")
@@ -311,8 +248,7 @@ def sde_loss(
         t, q = importance_sample_time(sde, x.shape[0], eps, generator, gen_device, x.dtype)
         t, q = t.to(x.device), q.to(x.device)
     else:
-        t = sde.sample_time(x.shape[0], eps, generator=generator, device=gen_device, dtype=x.dtype)
-        t = t.to(x.device)
+        t = sde.sample_time(x.shape[0], eps, generator, gen_device, x.dtype).to(x.device)
     x_t, z, sigma = sde.perturb(x, t, generator)
     s = _check_score(score_fn(x_t, t), x)
     std = expand(sigma, x)
@@ -329,23 +265,16 @@ def sde_loss(
 
 # ----- flow matching ------------------------------------------------------------------
 def flow_matching_loss(
-    velocity_fn: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    T: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
+    velocity_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, T: float = 1.0,
+    generator: Optional[torch.Generator] = None, reduction: str = "mean",
 ) -> Tensor:
     """Conditional flow matching ``E_{t, x_0, z} || v(x_t, t) - (z - x_0) ||^2``, ``x_t = (1 - t) x_0 + t z``.
 
-    ``t ~ U[0, T]``, ``z ~ N(0, I)``. The regression target ``z - x_0`` is the velocity
-    ``d x_t / dt`` of one interpolation path; its conditional mean ``E[z - x_0 | x_t]`` is the
-    minimiser, the velocity of an ODE that carries ``N(0, I)`` at ``t = 1`` to the data at ``t = 0``
-    (Lipman et al. 2023, eq. 9 with the optimal-transport path; Liu et al. 2023, rectified flow).
-    It is the probability-flow ODE of :class:`minisgm.sde.RectifiedFlowSDE`. ``velocity_fn(x [B, ...],
-    t [B])``; per-sample squared norm over all non-batch dimensions. Book: :ref:`sec-fast-flow-matching`.
+    ``t ~ U[0, T]``, ``z ~ N(0, I)``; no factor 1/2. The minimiser ``E[z - x_0 | x_t]`` is the
+    probability-flow velocity of :class:`minisgm.sde.RectifiedFlowSDE` (Lipman et al. 2023, eq. 9,
+    optimal-transport path; Liu et al. 2023). Book: :ref:`sec-fast-flow-matching`.
     """
-    _check_reduction(reduction)
-    x = _check_x(x)
+    x = _check_x(x, reduction)
     if not (isinstance(T, (int, float)) and 0 < T <= 1):
         raise ValueError(f"T must be a number in (0, 1], got {T!r}")
     gen_device = generator.device if generator is not None else x.device
@@ -354,6 +283,3 @@ def flow_matching_loss(
     tt = expand(t, x)
     v = _check_score(velocity_fn((1 - tt) * x + tt * z, t), x, "velocity_fn(x_t, t)")
     return _reduce(_sq_norm(v - (z - x)), reduction)
-
-
-__all__ += ["flow_matching_loss"]

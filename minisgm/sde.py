@@ -1,24 +1,13 @@
-"""Forward SDEs of score-based generative modelling: VE, VP and sub-VP.
+"""Forward SDEs ``dx = f(x, t) dt + g(t) dw``, ``t in [0, T]``: VE, VP, sub-VP and rectified flow.
 
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), eqs. (5)-(6), (9),
-(11), (13), (29)-(34). Book: :ref:`sec-sde-forward`.
+through Stochastic Differential Equations", ICLR (arXiv:2011.13456), eqs. (5)-(6), (9), (11),
+(13), (29)-(34). Book: :ref:`sec-sde-forward`, notation :ref:`sec-notation`. The drift is
+linear, so ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` (:meth:`SDE.marginal_coeffs`) and the
+transition, reverse drift and probability-flow ODE follow generically.
 
-Each SDE is one object holding everything a sampler or a loss needs:
-
-    dx = f(x, t) dt + g(t) dw,      t in [0, T],  T = 1,
-
-with a linear drift, so that ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` in closed form
-(:meth:`SDE.marginal_coeffs`, in the book's notation :ref:`sec-notation`). From those two
-coefficients everything else follows generically: the exact one-step transition
-(:meth:`SDE.discretize`), the drift of the reverse-time SDE (Anderson 1982) and of the
-probability-flow ODE. Adding an SDE means writing ``drift``, ``diffusion`` and
-``marginal_coeffs``; no sampler changes.
-
-Shapes: ``x`` is ``[B, ...]``; ``t`` is ``[B]`` (a Python float or 0-d tensor is broadcast to
-the batch). Scalars of the SDE come back as ``[B]``. A Python ``t`` is checked against
-``[0, T]`` for free; a tensor ``t`` only in debug mode (:mod:`minisgm.checks`), since reading
-its values back would stall a GPU at every sampler step.
+Shapes: ``x`` is ``[B, ...]``, ``t`` is ``[B]`` (a number or 0-d tensor is broadcast); SDE
+scalars come back as ``[B]``. A tensor ``t`` is range-checked only in debug mode (:mod:`minisgm.checks`).
 """
 
 from __future__ import annotations
@@ -31,7 +20,8 @@ from torch import Tensor
 
 from .checks import check_number, check_positive, check_tensor, check_values
 
-__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "batch_time", "expand", "randn_like"]
+__all__ = ["ScoreFn", "SDE", "VESDE", "VPSDE", "SubVPSDE", "RectifiedFlowSDE", "batch_time", "expand",
+           "randn_like"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """A score model: ``score(x [B, ...], t [B]) -> tensor shaped like x``."""
@@ -43,11 +33,8 @@ def expand(v: Tensor, x: Tensor) -> Tensor:
 
 
 def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Standard normal noise shaped like ``x`` (its dtype and device).
-
-    Drawn on the generator's device and then moved, so one CPU generator drives CPU and CUDA
-    runs reproducibly (``torch.randn_like`` takes no generator).
-    """
+    """Standard normal noise shaped like ``x``, drawn on the generator's device and then moved
+    (so one CPU generator drives CPU and CUDA runs reproducibly)."""
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
@@ -58,10 +45,6 @@ def batch_time(t: Tensor | float, x: Tensor, T: Optional[float] = 1.0) -> Tensor
     A Python number is checked to lie in ``[0, T]`` here; a tensor's values only in debug mode
     (:func:`minisgm.checks.set_debug`), so that no sampler step reads a tensor back to the host.
     ``T=None`` checks the shape only (for other conditioning inputs, such as noise levels).
-
-    Raises:
-        TypeError: ``x`` is not a floating-point tensor, or ``t`` is neither a number nor a tensor.
-        ValueError: ``t`` is not a scalar or a ``[B]`` vector, or lies outside ``[0, T]``.
     """
     check_tensor("x", x, floating=True)
     B = x.shape[0]
@@ -100,7 +83,6 @@ class SDE:
         if eps is not None:
             self.eps = check_number("eps", eps, 0.0, self.T, lo_open=True, hi_open=True)
 
-    # ----- the forward process -------------------------------------------------------------
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         """Drift ``f(x, t)``, shaped like ``x``."""
         raise NotImplementedError
@@ -118,10 +100,8 @@ class SDE:
         raise NotImplementedError
 
     def marginal(self, x0: Tensor, t: Tensor | float) -> Tuple[Tensor, Tensor]:
-        """Mean and std of ``p(x_t | x_0)``: ``(alpha_t x0, sigma_t)``, shapes ``x0.shape`` and ``[B]``.
-
-        Song et al. (2021) eq. (29) (VE), (33) (VP), (34) (sub-VP).
-        """
+        """Mean and std of ``p(x_t | x_0)``: ``(alpha_t x0, sigma_t)``, shapes ``x0.shape`` and ``[B]``
+        (Song et al. 2021, eqs. 29 (VE), 33 (VP), 34 (sub-VP))."""
         t = batch_time(t, x0, self.T)
         alpha, sigma = self.marginal_coeffs(t)
         return expand(alpha, x0) * x0, sigma
@@ -135,25 +115,17 @@ class SDE:
         return mean + expand(sigma, x0) * z, z, sigma
 
     def sample_time(
-        self,
-        batch_size: int,
-        eps: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        self, batch_size: int, eps: Optional[float] = None, generator: Optional[torch.Generator] = None,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Times ``t ~ U[eps, T]``, shape ``[batch_size]`` (the training distribution of t)."""
         eps = self.eps if eps is None else check_number("eps", eps, 0.0, self.T, hi_open=True)
         u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
         return eps + (self.T - eps) * u
 
-    # ----- the prior -----------------------------------------------------------------------
     def prior_sample(
-        self,
-        shape: Sequence[int],
-        generator: Optional[torch.Generator] = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Draw ``x_T ~ N(0, prior_std^2 I)`` of the given shape ``[B, ...]``."""
         z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
@@ -167,7 +139,6 @@ class SDE:
         sq = z.reshape(z.shape[0], -1).pow(2).sum(1)
         return -0.5 * d * math.log(2 * math.pi * s * s) - sq / (2 * s * s)
 
-    # ----- discretisation ------------------------------------------------------------------
     def transition_coeffs(self, t: Tensor, dt: float) -> Tuple[Tensor, Tensor]:
         """``(a, v)`` with ``p(x_t | x_{t-dt}) = N(a x_{t-dt}, v I)``: ``a = alpha_t / alpha_{t-dt}``,
         ``v = sigma_t^2 - a^2 sigma_{t-dt}^2`` (each ``[B]``; ``t`` a ``[B]`` tensor)."""
@@ -179,18 +150,14 @@ class SDE:
     def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> Tuple[Tensor, Tensor]:
         """Exact one-step transition from ``t - dt`` to ``t``: ``x_t = x + f + G z``.
 
-        Returns ``(f, G)`` with ``f`` shaped like ``x`` and ``G`` of shape ``[B]``. Because
-        the SDE is linear, ``p(x_t | x_{t-dt}) = N(a x, v I)`` with ``a = alpha_t/alpha_{t-dt}``
-        and ``v = sigma_t^2 - a^2 sigma_{t-dt}^2``; so ``f = (a - 1) x`` and ``G = sqrt(v)``.
-        For VE this is the SMLD noise chain, for VP it is DDPM's recursion
-        ``x_t = sqrt(1-beta) x + sqrt(beta) z`` with ``beta = 1 - alpha_t^2/alpha_{t-dt}^2``
-        (Song et al. 2021, app. B).
+        Returns ``(f, G)``: ``f = (a - 1) x`` shaped like ``x`` and ``G = sqrt(v)`` ``[B]``, where
+        ``p(x_t | x_{t-dt}) = N(a x, v I)`` (:meth:`transition_coeffs`). For VE this is the SMLD
+        noise chain, for VP DDPM's recursion (Song et al. 2021, app. B).
         """
         check_positive("dt", dt)
         a, v = self.transition_coeffs(batch_time(t, x, self.T), dt)
         return (expand(a, x) - 1.0) * x, v.sqrt()
 
-    # ----- time reversal -------------------------------------------------------------------
     def reverse_drift(self, score_fn: ScoreFn, x: Tensor, t: Tensor | float, probability_flow: bool = False) -> Tensor:
         """Drift of the reverse-time SDE ``f - g^2 score`` (Anderson 1982; Song et al. eq. 6),
         or of the probability-flow ODE ``f - g^2 score / 2`` (eq. 13). Book: :ref:`sec-sde-reverse`."""
@@ -211,14 +178,10 @@ class SDE:
 class VESDE(SDE):
     """Variance-exploding SDE ``dx = sqrt(d sigma(t)^2 / dt) dw`` (SMLD/NCSN in continuous time).
 
-    ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021, eq. 30). The exact
-    marginal is ``N(x_0, (sigma(t)^2 - sigma_min^2) I)``, so ``alpha_t = 1`` and
-    ``sigma_t^2 = sigma(t)^2 - sigma_min^2``; score_sde_pytorch approximates the variance by
-    ``sigma(t)^2``, which is the law of ``x_t`` if ``x_0`` already carries noise of size
-    ``sigma_min``. We keep the exact form so that simulation and formula agree.
-    ``exact_variance=False`` gives score_sde_pytorch's convention (the same SDE started from
-    the data smoothed by ``N(0, sigma_min^2 I)``), which networks trained by that code, such
-    as the checkpoints imported by :mod:`minisgm.convert`, expect. Book: :ref:`sec-sde-ve`,
+    ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021, eq. 30); the exact
+    marginal has ``alpha_t = 1``, ``sigma_t^2 = sigma(t)^2 - sigma_min^2``. ``exact_variance=False``
+    takes score_sde_pytorch's ``sigma_t = sigma(t)`` (data pre-smoothed by ``N(0, sigma_min^2 I)``),
+    which checkpoints imported by :mod:`minisgm.convert` expect. Book: :ref:`sec-sde-ve`,
     :ref:`sec-official-checkpoints`.
     """
 
@@ -249,8 +212,7 @@ class VESDE(SDE):
     def marginal_coeffs(self, t: Tensor) -> Tuple[Tensor, Tensor]:
         if not self.exact_variance:
             return torch.ones_like(t), self.sigma(t)
-        sigma_t = (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
-        return torch.ones_like(t), sigma_t
+        return torch.ones_like(t), (self.sigma(t) ** 2 - self.sigma_min**2).clamp(min=0.0).sqrt()
 
     def prior_std(self) -> float:
         return self.sigma_max
@@ -321,14 +283,11 @@ class SubVPSDE(VPSDE):
 class RectifiedFlowSDE(SDE):
     """The SDE whose marginals are those of the linear interpolant ``x_t = (1 - t) x_0 + t z`` (flow matching).
 
-    ``alpha_t = 1 - t``, ``sigma_t = t``: the path of rectified flow (Liu, Gong & Liu 2023) and of
-    flow matching with the conditional optimal-transport path (Lipman et al. 2023). A linear SDE
-    with these marginals has ``f(x, t) = (d log alpha_t / dt) x = -x / (1 - t)`` and
-    ``g(t)^2 = d sigma_t^2/dt - 2 (d log alpha_t/dt) sigma_t^2 = 2 t / (1 - t)``, so its
-    probability-flow velocity ``f - g^2 score / 2 = -(x + t score) / (1 - t)`` equals the flow-matching
-    velocity ``E[z - x_0 | x_t = x]`` (Tweedie). The drift is singular at ``t = 1``, so ``T`` is a
-    little below 1 (default 0.999); the prior ``N(0, T^2 I)`` then misses only the ``alpha_T x_0 =
-    0.001 x_0`` part of ``x_T``. Book: :ref:`sec-fast-flow-matching`.
+    ``alpha_t = 1 - t``, ``sigma_t = t`` (Liu, Gong & Liu 2023; Lipman et al. 2023, optimal-transport
+    path): ``f = -x / (1 - t)``, ``g^2 = 2 t / (1 - t)``, and the probability-flow velocity is the
+    flow-matching velocity ``E[z - x_0 | x_t = x]``. The drift is singular at ``t = 1``, so ``T`` is a
+    little below 1 (default 0.999; the prior ``N(0, T^2 I)`` misses ``0.001 x_0``).
+    Book: :ref:`sec-fast-flow-matching`.
     """
 
     eps = 1e-3
@@ -348,6 +307,3 @@ class RectifiedFlowSDE(SDE):
 
     def prior_std(self) -> float:
         return self.T
-
-
-__all__ += ["RectifiedFlowSDE"]
