@@ -26,26 +26,10 @@ from . import sde as sde_lib
 from .checkpoint import CheckpointError, load_checkpoint, load_state_dict_checked
 from .config import TOY_DATASETS, Config, ConfigError, ModelConfig, config_from_dict
 
-__all__ = [
-    "DatasetInfo",
-    "dataset_info",
-    "to_model_space",
-    "to_unit_range",
-    "load_images",
-    "TrainingData",
-    "build_data",
-    "build_sde",
-    "build_model",
-    "score_fn_of",
-    "Run",
-    "load_run",
-    "open_run",
-    "SAMPLERS",
-    "generate",
-    "configure_threads",
-    "resolve_device",
-    "n_classes_of",
-]
+__all__ = ["DatasetInfo", "dataset_info", "to_model_space", "to_unit_range", "load_images",
+           "TrainingData", "build_data", "build_sde", "build_model", "score_fn_of", "Run",
+           "load_run", "open_run", "SAMPLERS", "generate", "configure_threads", "resolve_device",
+           "n_classes_of"]
 
 
 # ----- Data sets: one table -------------------------------------------------------------------

@@ -25,20 +25,9 @@ from typing import Any, Dict, Union
 
 import torch
 
-__all__ = [
-    "CheckpointError",
-    "RunFolderBusy",
-    "CHECKPOINT_NAME",
-    "save_checkpoint",
-    "load_checkpoint",
-    "find_checkpoint",
-    "previous_checkpoint",
-    "remove_stale_temporaries",
-    "lock_run_folder",
-    "get_rng_state",
-    "set_rng_state",
-    "load_state_dict_checked",
-]
+__all__ = ["CheckpointError", "RunFolderBusy", "CHECKPOINT_NAME", "save_checkpoint",
+           "load_checkpoint", "find_checkpoint", "previous_checkpoint", "remove_stale_temporaries",
+           "lock_run_folder", "get_rng_state", "set_rng_state", "load_state_dict_checked"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "minisgm-checkpoint"

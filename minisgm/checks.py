@@ -16,19 +16,9 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "set_debug",
-    "debug_enabled",
-    "check_values",
-    "check_int",
-    "check_number",
-    "check_positive",
-    "check_choice",
-    "check_callable",
-    "check_tensor",
-    "check_like",
-    "check_shape",
-]
+__all__ = ["set_debug", "debug_enabled", "check_values", "check_int", "check_number",
+           "check_positive", "check_choice", "check_callable", "check_tensor", "check_like",
+           "check_shape"]
 
 _debug = os.environ.get("MINISGM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 

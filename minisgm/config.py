@@ -22,26 +22,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = [
-    "ModelConfig",
-    "SDEConfig",
-    "DataConfig",
-    "TrainConfig",
-    "SampleConfig",
-    "Config",
-    "PRESETS",
-    "get_preset",
-    "apply_overrides",
-    "parse_overrides",
-    "config_to_dict",
-    "config_from_dict",
-    "flat_keys",
-    "ConfigError",
-    "validate",
-    "describe",
-    "field_help",
-    "RANGES",
-]
+__all__ = ["ModelConfig", "SDEConfig", "DataConfig", "TrainConfig", "SampleConfig", "Config",
+           "PRESETS", "get_preset", "apply_overrides", "parse_overrides", "config_to_dict",
+           "config_from_dict", "flat_keys", "ConfigError", "validate", "describe", "field_help",
+           "RANGES"]
 
 
 class ConfigError(ValueError):

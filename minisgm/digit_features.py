@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "digits_split", "DigitClassifier", "digit_classifier", "digit_features", "classify_digits",
-    "frechet_distance", "gaussian_stats", "digits_frechet_distance", "nearest_neighbour_distances",
-]
+__all__ = ["digits_split", "DigitClassifier", "digit_classifier", "digit_features",
+           "classify_digits", "frechet_distance", "gaussian_stats", "digits_frechet_distance",
+           "nearest_neighbour_distances"]
 
 FEATURE_DIM = 64
 """Width ``k`` of the penultimate layer, i.e. of :func:`digit_features`."""

@@ -17,10 +17,8 @@ from torch import Tensor, nn
 
 from .checks import check_int, check_number
 
-__all__ = [
-    "EnergyMLP", "energy_score_fn", "quadrature_cost", "quadrature_grid", "log_partition_quadrature",
-    "normalized_log_prob_grid",
-]
+__all__ = ["EnergyMLP", "energy_score_fn", "quadrature_cost", "quadrature_grid",
+           "log_partition_quadrature", "normalized_log_prob_grid"]
 
 EnergyFn = Callable[..., Tensor]
 """An energy: ``energy(x [B, d], *args) -> [B]``."""

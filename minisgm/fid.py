@@ -23,10 +23,9 @@ from torch import Tensor, nn
 
 from .digit_features import frechet_distance, gaussian_stats
 
-__all__ = [
-    "frechet_distance", "gaussian_stats", "inception_weights_path", "InceptionFeatures",
-    "load_inception", "tf_bilinear_resize", "inception_stats", "fid_from_stats", "INCEPTION_DIM",
-]
+__all__ = ["frechet_distance", "gaussian_stats", "inception_weights_path", "InceptionFeatures",
+           "load_inception", "tf_bilinear_resize", "inception_stats", "fid_from_stats",
+           "INCEPTION_DIM"]
 
 INCEPTION_DIM = 2048
 """Width of the Inception-v3 pool features."""

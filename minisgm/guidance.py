@@ -26,10 +26,8 @@ from .samplers import (
 )
 from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
-__all__ = [
-    "classifier_guided_score", "classifier_free_guided_score", "gmm_class_logits_fn", "inpaint_sample",
-    "colour_transform", "to_grey", "colorize_sample",
-]
+__all__ = ["classifier_guided_score", "classifier_free_guided_score", "gmm_class_logits_fn",
+           "inpaint_sample", "colour_transform", "to_grey", "colorize_sample"]
 
 ClassifierFn = Callable[[Tensor, Tensor], Tensor]
 """A noise-conditional classifier: ``logits(x [B, ...], t [B]) -> [B, K]`` (``log p_t(y | x)`` up to a constant)."""

@@ -21,10 +21,8 @@ from .checks import check_int, check_like, check_positive, check_tensor
 from .score_matching import _sq_norm
 from .sde import randn_like
 
-__all__ = [
-    "langevin_sample", "mala_sample", "annealed_langevin_sample", "geometric_sigmas",
-    "recommended_sigma_max", "recommended_n_levels", "recommended_step_size",
-]
+__all__ = ["langevin_sample", "mala_sample", "annealed_langevin_sample", "geometric_sigmas",
+           "recommended_sigma_max", "recommended_n_levels", "recommended_step_size"]
 
 
 # ----- unadjusted and Metropolis-adjusted Langevin ----------------------------------------

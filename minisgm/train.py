@@ -57,19 +57,8 @@ from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
 from .score_matching import sde_loss
 
-__all__ = [
-    "lr_at",
-    "ema_update",
-    "build_optimizer",
-    "train_step",
-    "Dist",
-    "setup_distributed",
-    "TrainingDiverged",
-    "TrainingStopped",
-    "train",
-    "resolve_config",
-    "main",
-]
+__all__ = ["lr_at", "ema_update", "build_optimizer", "train_step", "Dist", "setup_distributed",
+           "TrainingDiverged", "TrainingStopped", "train", "resolve_config", "main"]
 
 
 class TrainingDiverged(RuntimeError):

@@ -13,8 +13,7 @@ from .ncsnpp import (NCSNpp, NCSNppConfig, ddpmpp_cifar10, ddpmpp_deep_cifar10, 
                      ncsnpp_deep_cifar10, ncsnpp_small)
 from .unet import SmallUNet
 
-__all__ = [
-    "GaussianFourierProjection", "SinusoidalEmbedding", "TimeEmbedding", "ClassEmbedding", "MLP", "ScoreMLP",
-    "SmallUNet", "TimeConditionedClassifier", "NCSNpp", "NCSNppConfig", "ncsnpp_cifar10", "ddpmpp_cifar10",
-    "ncsnpp_deep_cifar10", "ddpmpp_deep_cifar10", "ncsnpp_small", "ddpmpp_small",
-]
+__all__ = ["GaussianFourierProjection", "SinusoidalEmbedding", "TimeEmbedding", "ClassEmbedding",
+           "MLP", "ScoreMLP", "SmallUNet", "TimeConditionedClassifier", "NCSNpp", "NCSNppConfig",
+           "ncsnpp_cifar10", "ddpmpp_cifar10", "ncsnpp_deep_cifar10", "ddpmpp_deep_cifar10",
+           "ncsnpp_small", "ddpmpp_small"]

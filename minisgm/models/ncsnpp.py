@@ -27,12 +27,10 @@ from minisgm.models.embeddings import GaussianFourierProjection, check_marginal_
 from minisgm.checks import check_values
 from minisgm.sde import batch_time
 
-__all__ = [
-    "NCSNppConfig", "NCSNpp", "ncsnpp_cifar10", "ddpmpp_cifar10", "ncsnpp_deep_cifar10",
-    "ddpmpp_deep_cifar10", "ncsnpp_small", "ddpmpp_small", "ddpm_sinusoidal_embedding",
-    "count_parameters", "fir_kernel_2d", "fir_upsample_2d", "fir_downsample_2d", "AttentionBlock",
-    "ResnetBlockBigGAN", "ResnetBlockDDPM",
-]
+__all__ = ["NCSNppConfig", "NCSNpp", "ncsnpp_cifar10", "ddpmpp_cifar10", "ncsnpp_deep_cifar10",
+           "ddpmpp_deep_cifar10", "ncsnpp_small", "ddpmpp_small", "ddpm_sinusoidal_embedding",
+           "count_parameters", "fir_kernel_2d", "fir_upsample_2d", "fir_downsample_2d",
+           "AttentionBlock", "ResnetBlockBigGAN", "ResnetBlockDDPM"]
 
 _SQRT2 = math.sqrt(2.0)
 
