@@ -1,38 +1,15 @@
 """Samplers for score-based models: reverse-SDE, predictor-corrector and probability-flow ODE.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456): Euler-Maruyama on the
-reverse SDE (eq. 6), reverse diffusion (eq. 45), ancestral sampling (eqs. 46-47), the
-predictor-corrector scheme (Algorithm 1, with the Langevin corrector of Algorithms 4-5) and
-the probability-flow ODE (eq. 13). Book: :ref:`sec-samplers`, :ref:`sec-samplers-ode`.
+Song et al. (2021), "Score-Based Generative Modeling through SDEs" (arXiv:2011.13456), eqs. 6,
+13, 45-47 and Algorithms 1, 4-5. Book: :ref:`sec-samplers`, :ref:`sec-samplers-ode`.
 
-**One signature.** Every sampler is called as
-
-    f(score_fn, sde, shape, n_steps, *, eps=None, ts=None, generator=None, device=None,
-      dtype=torch.float32, x_init=None, denoise=..., callback=None, **options) -> (x, nfe)
-
-and returns the sample ``x`` of the given ``shape`` and ``nfe``, the number of score
-evaluations (each one a batched call ``score_fn(x [B, ...], t [B])``). ``options`` are the
-sampler's own knobs (the corrector's ``snr``, the ODE solver's tolerances, ...).
-
-**One loop.** Every fixed-step sampler is an ``update(x, t, t_next) -> (x, x_mean)`` run by
-:func:`sample_loop` over a time grid ``T = t_0 > t_1 > ... > t_N = eps``: by default the
-uniform :func:`time_grid`, ``t_i = T - i (T - eps) / N`` (``eps = sde.eps`` unless given);
-any decreasing grid can be passed as ``ts`` (e.g. :func:`edm_time_grid`). A predictor moves
-the state from ``t_i`` to ``t_{i+1}`` (score at ``t_i``), a corrector refines it at ``t_{i+1}``.
-The state starts at ``x_{t_0} ~ p_T`` (``sde.prior_sample``) unless ``x_init`` is given.
-``denoise=True`` returns the mean of the last update (its noise dropped): the usual final
-denoising, which removes noise the score can no longer correct (Song et al. 2021, app. G).
-``callback(i, t, x)`` sees the state ``x`` after step ``i`` at time ``t`` (a float): use it to
-record trajectories for plots. Only the adaptive ODE solver (:func:`ode_sample`) has its own
-loop, that of torchdiffeq, and its ``callback`` sees every velocity evaluation.
-
-**No host syncs.** Times are Python floats and every check on them runs before the loop; the
-loop itself never reads a tensor back to the host (on a GPU that would stall it once per
-step). Non-finite samples are detected once, after the loop (:class:`NonFiniteSampleError`).
-
-Samplers only call the SDE's methods (``drift``, ``diffusion``, ``discretize``,
-``marginal_coeffs``, ``prior_sample``), so a new SDE needs no sampler change.
+Every sampler is ``f(score_fn, sde, shape, n_steps, *, eps, ts, generator, device, dtype, x_init,
+denoise, callback, **options) -> (x, nfe)``, ``nfe`` counting batched calls ``score_fn(x, t [B])``.
+Fixed-step samplers run ``update(x, t, t_next) -> (x, x_mean)`` in :func:`sample_loop` over a grid
+``T = t_0 > ... > t_N = eps`` (uniform, or ``ts``) from a prior draw or ``x_init``; ``denoise=True``
+returns the last update's mean; ``callback(i, t, x)`` sees the state after each step. The loops
+never read a tensor back to the host (a GPU would stall): non-finite samples are found once, after
+(:class:`NonFiniteSampleError`). Samplers only call the SDE's methods: a new SDE needs no change.
 """
 
 from __future__ import annotations
@@ -46,27 +23,11 @@ from torch import Tensor
 from .checks import check_callable, check_choice, check_int, check_like, check_number, check_positive, check_shape, check_tensor
 from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
-__all__ = [
-    "NonFiniteSampleError",
-    "CountedScore",
-    "time_grid",
-    "edm_time_grid",
-    "sample_loop",
-    "euler_maruyama_step",
-    "reverse_diffusion_step",
-    "ancestral_step",
-    "langevin_corrector_step",
-    "pc_update",
-    "euler_maruyama_sample",
-    "reverse_diffusion_sample",
-    "ancestral_sample",
-    "pc_sample",
-    "heun_sample",
-    "ode_sample",
-    "ode_encode",
-    "solve_ode",
-    "ODE_METHODS",
-]
+__all__ = ["NonFiniteSampleError", "CountedScore", "time_grid", "edm_time_grid", "sample_loop",
+           "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "langevin_corrector_step",
+           "pc_update", "euler_maruyama_sample", "reverse_diffusion_sample", "ancestral_sample", "pc_sample",
+           "heun_sample", "ode_sample", "ode_encode", "solve_ode", "ODE_METHODS", "lambda_time_grid",
+           "ddim_sample", "dpm_solver_orders", "dpm_solver_sample", "edm_sample"]
 
 StepFn = Callable[..., Tuple[Tensor, Tensor]]
 Update = Callable[[Tensor, float, float], Tuple[Tensor, Tensor]]
@@ -583,26 +544,15 @@ def ode_encode(
 
 
 # =============================================================================================
-# Fast samplers: DDIM, DPM-Solver++ and EDM's solvers (book chapter 8, :ref:`sec-fast-sampling`)
-#
-# In the scaled state ``y = x / alpha_t`` and the noise-to-signal ratio
-# ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` (``lambda_t = log(alpha_t / sigma_t)`` is the
-# log signal-to-noise ratio) the probability-flow ODE of every SDE of this package is one and
-# the same equation (Karras et al. 2022, eq. 4 with their sigma(t) = t, s(t) = 1):
-#
-#     dy / dsigma = (y - D(y, sigma)) / sigma,     D = x0_hat = (x + sigma_t^2 score(x, t)) / alpha_t,
-#
-# where ``D`` is Tweedie's denoiser (the data prediction). The SDEs differ only in the range of
-# sigma they cover and in the clock t that maps onto it. Written in lambda the ODE is
-# semi-linear, ``d(x / sigma_t) / d lambda = exp(lambda) D``, so its linear part can be
-# integrated exactly (variation of constants):
-#
+# Fast samplers: DDIM, DPM-Solver++ and EDM's solvers (book chapter 8, :ref:`sec-fast-sampling`).
+# In ``y = x / alpha_t`` and ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` (``lambda_t`` the
+# log-SNR) every SDE here has the same probability-flow ODE (Karras et al. 2022, eq. 4):
+#     dy/dsigma = (y - D)/sigma,    D = x0_hat = (x + sigma_t^2 score(x, t)) / alpha_t.
+# Semi-linear in lambda, its linear part integrates exactly (variation of constants):
 #     x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} exp(lambda) D dlambda.
-#
-# Freezing D at the start of the step gives DDIM (= DPM-Solver++ of order 1 = Euler in
-# (y, sigma)); expanding D to higher order in lambda gives DPM-Solver++ (Lu et al. 2022,
-# arXiv:2211.01095). All grid quantities are Python floats computed in float64 before the loop,
-# so the loops only do tensor arithmetic (no host syncs); ``_finished`` checks the result once.
+# D frozen over the step is DDIM (= DPM-Solver++ order 1 = Euler in (y, sigma)); D expanded in
+# lambda is DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095). Grid quantities are Python floats
+# computed in float64 before the loop, so the loops do tensor arithmetic only (no host syncs).
 # =============================================================================================
 def _marginals(sde: SDE, ts: Sequence[float]) -> Tuple[List[float], List[float]]:
     """``(alpha_t, sigma_t)`` at the times ``ts`` as Python floats, computed in float64 on the CPU."""
@@ -1058,6 +1008,3 @@ def edm_sample(
     x, _ = sample_loop(update, _initial_state(sde, shape, x_init, generator, device, dtype), grid, callback)
     x = _denoised(D, x, denoise, grid[-1], alpha[-1], sigma[-1])
     return _finished(x, score.nfe, "edm_sample")
-
-
-__all__ += ["lambda_time_grid", "ddim_sample", "dpm_solver_orders", "dpm_solver_sample", "edm_sample"]
