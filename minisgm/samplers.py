@@ -222,14 +222,8 @@ def ancestral_step(
 
 # ----- corrector ----------------------------------------------------------------------------
 def langevin_corrector_step(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    t: Tensor | float,
-    *,
-    snr: float = 0.16,
-    generator: Optional[torch.Generator] = None,
-    per_sample: bool = False,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor | float, *, snr: float = 0.16,
+    generator: Optional[torch.Generator] = None, per_sample: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """One Langevin MCMC step targeting ``p_t`` with the signal-to-noise step-size rule.
 
@@ -257,15 +251,9 @@ Project = Callable[[Tensor, Tensor, float], Tuple[Tensor, Tensor]]
 
 
 def pc_update(
-    score_fn: ScoreFn,
-    sde: SDE,
-    *,
-    predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step,
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
-    generator: Optional[torch.Generator] = None,
-    project: Optional[Project] = None,
+    score_fn: ScoreFn, sde: SDE, *, predictor: Optional[StepFn] = reverse_diffusion_step,
+    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
+    generator: Optional[torch.Generator] = None, project: Optional[Project] = None,
 ) -> Update:
     """The update ``(x, t, t_next) -> (x, x_mean)`` of predictor-corrector sampling.
 
@@ -295,23 +283,12 @@ def pc_update(
 
 
 def pc_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = True,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eps: Optional[float] = None,
+    ts: Optional[Sequence[float] | Tensor] = None, generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    x_init: Optional[Tensor] = None, denoise: bool = True, callback: Optional[Callback] = None,
     predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step,
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
+    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
 ) -> Tuple[Tensor, int]:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1): :func:`pc_update` on the grid.
 
@@ -348,19 +325,10 @@ def ancestral_sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps:
 
 # ----- probability-flow ODE: fixed steps ----------------------------------------------------
 def heun_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = True,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eps: Optional[float] = None,
+    ts: Optional[Sequence[float] | Tensor] = None, generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    x_init: Optional[Tensor] = None, denoise: bool = True, callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """Fixed-step Heun (2nd-order, explicit trapezoidal) integration of the probability-flow ODE.
 
@@ -432,20 +400,10 @@ def _ode_options(rtol: float, atol: float, method: str, n_steps: Optional[int]) 
 
 
 def ode_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: Optional[int] = None,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    eps: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: Optional[int] = None, *,
+    rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5", eps: Optional[float] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """Sample by integrating the probability-flow ODE from ``T`` down to ``eps`` with an adaptive solver.
 
@@ -465,15 +423,8 @@ def ode_sample(
 
 
 def ode_encode(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    n_steps: Optional[int] = None,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    eps: Optional[float] = None,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, n_steps: Optional[int] = None, *, rtol: float = 1e-5,
+    atol: float = 1e-5, method: str = "dopri5", eps: Optional[float] = None,
 ) -> Tuple[Tensor, int]:
     """Encode data into the latent ``z = x_T`` by integrating the probability-flow ODE from ``eps`` to ``T``.
 
@@ -581,19 +532,10 @@ def _denoised(D, x: Tensor, denoise: bool, t: float, alpha: float, sigma: float)
 
 # ----- DDIM ----------------------------------------------------------------------------------
 def ddim_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eta: float = 0.0,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eta: float = 0.0,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any SDE: ``x0_hat`` and ``eps_hat`` recombined at the next time.
@@ -774,21 +716,11 @@ def _singlestep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
 
 
 def dpm_solver_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    order: Optional[int | Sequence[int]] = None,
-    multistep: bool = True,
-    lower_order_final: bool = True,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *,
+    order: Optional[int | Sequence[int]] = None, multistep: bool = True, lower_order_final: bool = True,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): exponential integrators in the data prediction.
@@ -851,23 +783,11 @@ def _churn_times(sde: SDE, grid: List[float], nsr: List[float], S_churn: float, 
 
 
 def edm_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    order: int = 2,
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = float("inf"),
-    S_noise: float = 1.0,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, order: int = 2,
+    S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """EDM's samplers (Karras et al. 2022, Algorithms 1 and 2) in ``y = x / alpha_t``, ``sigma = sigma_t / alpha_t``.
