@@ -68,9 +68,7 @@ def _eps(sde: SDE, eps: Optional[float]) -> float:
 
 def time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The uniform sampling grid ``t_i = T - i (T - eps)/n_steps``, ``i = 0..n_steps``; shape ``[n_steps + 1]``.
-
-    Computed in float64 and cast, so that ``t_0 = T`` and ``t_N = eps`` exactly.
-    """
+    Computed in float64 and cast, so that ``t_0 = T`` and ``t_N = eps`` exactly."""
     n_steps = check_int("n_steps", n_steps)
     return torch.linspace(sde.T, _eps(sde, eps), n_steps + 1, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -83,8 +81,7 @@ def _noise_to_signal(sde: SDE, t: Tensor) -> Tensor:
 def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) -> Tensor:
     """Times ``t`` in ``[lo, hi]`` with ``sigma_t / alpha_t = target`` (float64 bisection; the ratio
     increases with t). Values outside the range end at its ends."""
-    lo_t = torch.full_like(target, lo)
-    hi_t = torch.full_like(target, hi)
+    lo_t, hi_t = torch.full_like(target, lo), torch.full_like(target, hi)
     for _ in range(100):  # halves the bracket 100 times: float64 resolution
         mid = 0.5 * (lo_t + hi_t)
         above = _noise_to_signal(sde, mid) > target
@@ -147,10 +144,8 @@ def _initial_state(sde: SDE, shape, x_init: Optional[Tensor], generator, device,
 
 def sample_loop(update: Update, x: Tensor, ts: Sequence[float], callback: Optional[Callback] = None) -> Tuple[Tensor, Tensor]:
     """The loop every fixed-step sampler runs: ``x, x_mean = update(x, t_i, t_{i+1})`` for ``i = 0..N-1``.
-
-    ``ts`` are Python floats ``t_0 > ... > t_N``; ``callback(i, t_{i+1}, x)`` after each step.
-    Returns the final ``(x, x_mean)``. Book: :ref:`sec-samplers`.
-    """
+    ``ts``: Python floats ``t_0 > ... > t_N``; ``callback(i, t_{i+1}, x)`` after each step; returns the
+    final ``(x, x_mean)``. Book: :ref:`sec-samplers`."""
     x_mean = x
     for i in range(len(ts) - 1):
         x, x_mean = update(x, ts[i], ts[i + 1])
@@ -472,12 +467,11 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
     n_steps = check_int("n_steps", n_steps)
     eps = _eps(sde, eps)
     tail_density = check_number("tail_density", tail_density, 0.0, 1.0)
-    if sigma_min is not None:
-        check_positive("sigma_min", sigma_min)
-    if sigma_max is not None:
-        check_positive("sigma_max", sigma_max)
-        if sigma_min is not None and not sigma_max > sigma_min:
-            raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None:
+            check_positive(name, value)
+    if sigma_min is not None and sigma_max is not None and not sigma_max > sigma_min:
+        raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     hi, lo = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
     # Breakpoints of a piecewise-linear warp in log sigma = -lambda: density tail_density on
     # [sigma_max, sigma(T)] and [sigma(eps), sigma_min], 1 in between; uniform in the warp.
