@@ -1,38 +1,15 @@
 """Samplers for score-based models: reverse-SDE, predictor-corrector and probability-flow ODE.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456): Euler-Maruyama on the
-reverse SDE (eq. 6), reverse diffusion (eq. 45), ancestral sampling (eqs. 46-47), the
-predictor-corrector scheme (Algorithm 1, with the Langevin corrector of Algorithms 4-5) and
-the probability-flow ODE (eq. 13). Book: :ref:`sec-samplers`, :ref:`sec-samplers-ode`.
+Song et al. (2021), "Score-Based Generative Modeling through SDEs" (arXiv:2011.13456), eqs. 6,
+13, 45-47 and Algorithms 1, 4-5. Book: :ref:`sec-samplers`, :ref:`sec-samplers-ode`.
 
-**One signature.** Every sampler is called as
-
-    f(score_fn, sde, shape, n_steps, *, eps=None, ts=None, generator=None, device=None,
-      dtype=torch.float32, x_init=None, denoise=..., callback=None, **options) -> (x, nfe)
-
-and returns the sample ``x`` of the given ``shape`` and ``nfe``, the number of score
-evaluations (each one a batched call ``score_fn(x [B, ...], t [B])``). ``options`` are the
-sampler's own knobs (the corrector's ``snr``, the ODE solver's tolerances, ...).
-
-**One loop.** Every fixed-step sampler is an ``update(x, t, t_next) -> (x, x_mean)`` run by
-:func:`sample_loop` over a time grid ``T = t_0 > t_1 > ... > t_N = eps``: by default the
-uniform :func:`time_grid`, ``t_i = T - i (T - eps) / N`` (``eps = sde.eps`` unless given);
-any decreasing grid can be passed as ``ts`` (e.g. :func:`edm_time_grid`). A predictor moves
-the state from ``t_i`` to ``t_{i+1}`` (score at ``t_i``), a corrector refines it at ``t_{i+1}``.
-The state starts at ``x_{t_0} ~ p_T`` (``sde.prior_sample``) unless ``x_init`` is given.
-``denoise=True`` returns the mean of the last update (its noise dropped): the usual final
-denoising, which removes noise the score can no longer correct (Song et al. 2021, app. G).
-``callback(i, t, x)`` sees the state ``x`` after step ``i`` at time ``t`` (a float): use it to
-record trajectories for plots. Only the adaptive ODE solver (:func:`ode_sample`) has its own
-loop, that of torchdiffeq, and its ``callback`` sees every velocity evaluation.
-
-**No host syncs.** Times are Python floats and every check on them runs before the loop; the
-loop itself never reads a tensor back to the host (on a GPU that would stall it once per
-step). Non-finite samples are detected once, after the loop (:class:`NonFiniteSampleError`).
-
-Samplers only call the SDE's methods (``drift``, ``diffusion``, ``discretize``,
-``marginal_coeffs``, ``prior_sample``), so a new SDE needs no sampler change.
+Every sampler is ``f(score_fn, sde, shape, n_steps, *, eps, ts, generator, device, dtype, x_init,
+denoise, callback, **options) -> (x, nfe)``, ``nfe`` counting batched calls ``score_fn(x, t [B])``.
+Fixed-step samplers run ``update(x, t, t_next) -> (x, x_mean)`` in :func:`sample_loop` over a grid
+``T = t_0 > ... > t_N = eps`` (uniform, or ``ts``) from a prior draw or ``x_init``; ``denoise=True``
+returns the last update's mean; ``callback(i, t, x)`` sees the state after each step. The loops
+never read a tensor back to the host (a GPU would stall): non-finite samples are found once, after
+(:class:`NonFiniteSampleError`). Samplers only call the SDE's methods: a new SDE needs no change.
 """
 
 from __future__ import annotations
@@ -46,27 +23,11 @@ from torch import Tensor
 from .checks import check_callable, check_choice, check_int, check_like, check_number, check_positive, check_shape, check_tensor
 from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 
-__all__ = [
-    "NonFiniteSampleError",
-    "CountedScore",
-    "time_grid",
-    "edm_time_grid",
-    "sample_loop",
-    "euler_maruyama_step",
-    "reverse_diffusion_step",
-    "ancestral_step",
-    "langevin_corrector_step",
-    "pc_update",
-    "euler_maruyama_sample",
-    "reverse_diffusion_sample",
-    "ancestral_sample",
-    "pc_sample",
-    "heun_sample",
-    "ode_sample",
-    "ode_encode",
-    "solve_ode",
-    "ODE_METHODS",
-]
+__all__ = ["NonFiniteSampleError", "CountedScore", "time_grid", "edm_time_grid", "sample_loop",
+           "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "langevin_corrector_step",
+           "pc_update", "euler_maruyama_sample", "reverse_diffusion_sample", "ancestral_sample", "pc_sample",
+           "heun_sample", "ode_sample", "ode_encode", "solve_ode", "ODE_METHODS", "lambda_time_grid",
+           "ddim_sample", "dpm_solver_orders", "dpm_solver_sample", "edm_sample"]
 
 StepFn = Callable[..., Tuple[Tensor, Tensor]]
 Update = Callable[[Tensor, float, float], Tuple[Tensor, Tensor]]
@@ -82,12 +43,10 @@ class NonFiniteSampleError(FloatingPointError):
 
 # ----- the score model, counted -------------------------------------------------------------
 class CountedScore:
-    """``score_fn`` with its output checked (shaped like ``x``), its calls counted, and detached.
+    """``score_fn`` with its output checked (shaped like ``x``), counted (``nfe``) and detached.
 
-    ``nfe`` is a Python int, so counting costs nothing. The output is detached unless
-    ``detach=False``: a sampler never back-propagates through the trajectory, and detaching
-    frees the graph a network builds in grad mode (we do not impose ``no_grad`` because scores
-    of energy models call autograd; the likelihood keeps the graph to take a divergence).
+    Detached unless ``detach=False`` (the likelihood keeps the graph for a divergence); samplers do
+    not impose ``no_grad``, since scores of energy models call autograd.
     """
 
     def __init__(self, score_fn: ScoreFn, detach: bool = True):
@@ -109,9 +68,7 @@ def _eps(sde: SDE, eps: Optional[float]) -> float:
 
 def time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The uniform sampling grid ``t_i = T - i (T - eps)/n_steps``, ``i = 0..n_steps``; shape ``[n_steps + 1]``.
-
-    Computed in float64 and cast, so that ``t_0 = T`` and ``t_N = eps`` exactly.
-    """
+    Computed in float64 and cast, so that ``t_0 = T`` and ``t_N = eps`` exactly."""
     n_steps = check_int("n_steps", n_steps)
     return torch.linspace(sde.T, _eps(sde, eps), n_steps + 1, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -124,8 +81,7 @@ def _noise_to_signal(sde: SDE, t: Tensor) -> Tensor:
 def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) -> Tensor:
     """Times ``t`` in ``[lo, hi]`` with ``sigma_t / alpha_t = target`` (float64 bisection; the ratio
     increases with t). Values outside the range end at its ends."""
-    lo_t = torch.full_like(target, lo)
-    hi_t = torch.full_like(target, hi)
+    lo_t, hi_t = torch.full_like(target, lo), torch.full_like(target, hi)
     for _ in range(100):  # halves the bracket 100 times: float64 resolution
         mid = 0.5 * (lo_t + hi_t)
         above = _noise_to_signal(sde, mid) > target
@@ -139,11 +95,9 @@ def edm_time_grid(
 ) -> Tensor:
     """A grid ``T = t_0 > ... > t_N = eps`` whose noise-to-signal ratios follow Karras et al. (2022), eq. 5.
 
-    With ``sigma(t) = sigma_t / alpha_t`` (the noise level of ``x_t / alpha_t``, increasing in
-    ``t``): ``sigma_i = (sigma(T)^(1/rho) + i/N (sigma(eps)^(1/rho) - sigma(T)^(1/rho)))^rho``,
-    and ``t_i = sigma^{-1}(sigma_i)`` by bisection, so the grid works for any SDE. ``rho = 7``
-    spends most steps at small noise, where the probability-flow ODE bends most; ``rho = 1`` is
-    uniform in sigma. Shape ``[n_steps + 1]``. Pass it as ``ts=`` to any fixed-step sampler.
+    ``sigma_i = (sigma(T)^(1/rho) + i/N (sigma(eps)^(1/rho) - sigma(T)^(1/rho)))^rho`` with
+    ``sigma(t) = sigma_t / alpha_t``, inverted by bisection (any SDE). ``rho = 7`` spends most steps
+    at small noise, ``rho = 1`` is uniform in sigma. Shape ``[n_steps + 1]``; pass it as ``ts=``.
     Book: :ref:`sec-samplers-ode`.
     """
     n_steps = check_int("n_steps", n_steps)
@@ -190,10 +144,8 @@ def _initial_state(sde: SDE, shape, x_init: Optional[Tensor], generator, device,
 
 def sample_loop(update: Update, x: Tensor, ts: Sequence[float], callback: Optional[Callback] = None) -> Tuple[Tensor, Tensor]:
     """The loop every fixed-step sampler runs: ``x, x_mean = update(x, t_i, t_{i+1})`` for ``i = 0..N-1``.
-
-    ``ts`` are Python floats ``t_0 > ... > t_N``; ``callback(i, t_{i+1}, x)`` after each step.
-    Returns the final ``(x, x_mean)``. Book: :ref:`sec-samplers`.
-    """
+    ``ts``: Python floats ``t_0 > ... > t_N``; ``callback(i, t_{i+1}, x)`` after each step; returns the
+    final ``(x, x_mean)``. Book: :ref:`sec-samplers`."""
     x_mean = x
     for i in range(len(ts) - 1):
         x, x_mean = update(x, ts[i], ts[i + 1])
@@ -220,9 +172,8 @@ def euler_maruyama_step(
 ) -> Tuple[Tensor, Tensor]:
     """One Euler-Maruyama step of the reverse SDE from ``t`` to ``t - dt``.
 
-    ``x_mean = x - [f(x, t) - g(t)^2 score(x, t)] dt``, ``x = x_mean + g(t) sqrt(dt) z``
-    (Song et al. 2021, eq. 6 discretised; Kloeden & Platen 1992). Returns ``(x, x_mean)``,
-    both shaped like ``x``. Book: :ref:`sec-samplers`.
+    ``x_mean = x - [f(x, t) - g(t)^2 score(x, t)] dt``, ``x = x_mean + g(t) sqrt(dt) z`` (Song et al.
+    2021, eq. 6; Kloeden & Platen 1992). Returns ``(x, x_mean)``. Book: :ref:`sec-samplers`.
     """
     t = batch_time(t, x, sde.T)
     x_mean = x - sde.reverse_drift(score_fn, x, t) * dt
@@ -236,10 +187,8 @@ def reverse_diffusion_step(
     """One reverse-diffusion step from ``t`` to ``t - dt`` (Song et al. 2021, eq. 45).
 
     With ``(f, G)`` the SDE's exact forward transition into ``t`` (``sde.discretize``):
-    ``x_mean = x - f + G^2 score(x, t)``, ``x = x_mean + G z``. For VE this is SMLD's
-    ``x + (sigma_i^2 - sigma_{i-1}^2) score + ...``; for VP it is ``(2 - sqrt(1 - beta)) x + beta score``,
-    which agrees with DDPM's ancestral step to first order in ``beta``. Returns ``(x, x_mean)``.
-    Book: :ref:`sec-samplers`.
+    ``x_mean = x - f + G^2 score(x, t)``, ``x = x_mean + G z``: SMLD's step for VE, DDPM's to first
+    order in ``beta`` for VP. Returns ``(x, x_mean)``. Book: :ref:`sec-samplers`.
     """
     t = batch_time(t, x, sde.T)
     f, G = sde.discretize(x, t, dt)
@@ -253,19 +202,10 @@ def ancestral_step(
 ) -> Tuple[Tensor, Tensor]:
     """One ancestral step: sample the Gaussian posterior ``q(x_s | x_t, x_0 = x0_hat)``, ``s = t - dt``.
 
-    The forward transition is ``x_t | x_s ~ N(a x_s, v I)`` (``sde.transition_coeffs``:
-    ``a = alpha_t / alpha_s``, ``v = sigma_t^2 - a^2 sigma_s^2``). The posterior of ``x_s``
-    given ``x_t`` and ``x_0`` has variance ``v sigma_s^2 / sigma_t^2`` and mean
-    ``(a sigma_s^2 x_t + alpha_s v x_0) / sigma_t^2``. Plugging in Tweedie's estimate
-    ``x0_hat = (x_t + sigma_t^2 score(x_t, t)) / alpha_t`` the mean simplifies to
-
-        x_mean = (x_t + v score(x_t, t)) / a.
-
-    For VE (``a = 1``, ``v = sigma_t^2 - sigma_s^2``) this is SMLD's ancestral step (Song et al.
-    2021, eq. 47); for VP (``a = sqrt(1 - beta)``, ``v = beta``) it is DDPM's
-    ``(x + beta score) / sqrt(1 - beta)`` with the posterior variance
-    ``beta (1 - alphabar_s) / (1 - alphabar_t)`` (Ho et al. 2020, eqs. 7 and 11). Returns
-    ``(x, x_mean)``. Book: :ref:`sec-samplers`.
+    With the forward transition ``x_t | x_s ~ N(a x_s, v I)`` (``sde.transition_coeffs``) and
+    Tweedie's ``x0_hat``, its mean is ``x_mean = (x_t + v score(x_t, t)) / a``, its variance
+    ``v sigma_s^2 / sigma_t^2``: SMLD's ancestral step for VE (Song et al. 2021, eq. 47), DDPM's for
+    VP (Ho et al. 2020, eqs. 7 and 11). Returns ``(x, x_mean)``. Book: :ref:`sec-samplers`.
     """
     t = batch_time(t, x, sde.T)
     a, v = sde.transition_coeffs(t, dt)
@@ -277,30 +217,16 @@ def ancestral_step(
 
 # ----- corrector ----------------------------------------------------------------------------
 def langevin_corrector_step(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    t: Tensor | float,
-    *,
-    snr: float = 0.16,
-    generator: Optional[torch.Generator] = None,
-    per_sample: bool = False,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor | float, *, snr: float = 0.16,
+    generator: Optional[torch.Generator] = None, per_sample: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """One Langevin MCMC step targeting ``p_t`` with the signal-to-noise step-size rule.
 
-    ``x_mean = x + h score(x, t)``, ``x = x_mean + sqrt(2 h) z`` with
-
-        h = 2 (snr ||z|| / ||score(x, t)||)^2,
-
-    so that the ratio of the drift ``h ||score||`` to the noise ``sqrt(2 h) ||z||`` is ``snr``
-    whatever the scale of ``p_t`` (Song et al. 2021, Algorithms 4-5; norms over all non-batch
-    dimensions). By default (``per_sample=False``) ``||z||`` and ``||score||`` are averaged
-    over the batch, as in score_sde, giving one step size for all samples. With
-    ``per_sample=True`` each sample gets its own ``h``: batch-independent, and fine in high
-    dimension where ``||score||`` concentrates, but in 2-D a sample near a mode has
-    ``||score|| ~ 0`` and gets a huge step (tests and ``benchmarks/samplers_vs_nfe.py`` show
-    the collapse). Unlike score_sde's VP corrector there is no ``alpha_i`` factor, so the rule
-    is the same for every SDE. Returns ``(x, x_mean)``. Book: :ref:`sec-samplers-pc`.
+    ``x_mean = x + h score``, ``x = x_mean + sqrt(2 h) z``, ``h = 2 (snr ||z|| / ||score||)^2`` (Song
+    et al. 2021, Algorithms 4-5; norms over the non-batch dimensions, averaged over the batch as in
+    score_sde). With ``per_sample=True`` each sample has its own ``h``: batch-independent, but in 2-D
+    a sample near a mode (``||score|| ~ 0``) takes a huge step. No VP ``alpha_i`` factor: the rule is
+    the same for every SDE. Returns ``(x, x_mean)``. Book: :ref:`sec-samplers-pc`.
     """
     t = batch_time(t, x, sde.T)
     score = score_fn(x, t)
@@ -320,23 +246,15 @@ Project = Callable[[Tensor, Tensor, float], Tuple[Tensor, Tensor]]
 
 
 def pc_update(
-    score_fn: ScoreFn,
-    sde: SDE,
-    *,
-    predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step,
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
-    generator: Optional[torch.Generator] = None,
-    project: Optional[Project] = None,
+    score_fn: ScoreFn, sde: SDE, *, predictor: Optional[StepFn] = reverse_diffusion_step,
+    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
+    generator: Optional[torch.Generator] = None, project: Optional[Project] = None,
 ) -> Update:
     """The update ``(x, t, t_next) -> (x, x_mean)`` of predictor-corrector sampling.
 
-    The predictor moves ``x`` from ``t`` to ``t_next``; then ``n_corrector_steps`` corrector
-    steps (Langevin MCMC targeting ``p_{t_next}``) refine it. ``project(x, x_mean, t_next)``, if
-    given, is applied after every sub-step: inpainting uses it to put the known entries back
-    (:func:`minisgm.guidance.inpaint_sample`). Either step may be ``None``, not both.
-    Book: :ref:`sec-samplers-pc`.
+    The predictor moves ``x`` from ``t`` to ``t_next``, ``n_corrector_steps`` corrector steps refine
+    it there; ``project(x, x_mean, t_next)``, if given, follows every sub-step (inpainting puts the
+    known entries back). Either step may be ``None``, not both. Book: :ref:`sec-samplers-pc`.
     """
     if predictor is None and corrector is None:
         raise ValueError("predictor-corrector sampling needs a predictor, a corrector or both; got neither")
@@ -360,40 +278,19 @@ def pc_update(
 
 
 def pc_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = True,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eps: Optional[float] = None,
+    ts: Optional[Sequence[float] | Tensor] = None, generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    x_init: Optional[Tensor] = None, denoise: bool = True, callback: Optional[Callback] = None,
     predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step,
-    snr: float = 0.16,
-    n_corrector_steps: int = 1,
+    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
 ) -> Tuple[Tensor, int]:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1): :func:`pc_update` on the grid.
 
-    ``predictor=None`` gives corrector-only sampling, i.e. annealed Langevin dynamics (Song &
-    Ermon 2019) on the continuous noise schedule ``t_1 > ... > t_N = eps``; ``corrector=None``
-    gives the predictor alone. With ``denoise=True`` the returned ``x`` is the mean of the very
-    last update (its noise dropped).
-
-    Args:
-        predictor: ``step(score_fn, sde, x, t, dt, generator=...) -> (x, x_mean)``.
-        corrector: ``step(score_fn, sde, x, t, snr=..., generator=...) -> (x, x_mean)``.
-        snr: signal-to-noise ratio passed to the corrector.
-        n_corrector_steps: corrector steps per time step (``>= 1`` when a corrector is given).
-
-    Returns:
-        ``(x, nfe)`` with ``x`` of ``shape`` and ``nfe = n_steps * (1 + n_corrector_steps)``
-        (predictor and corrector both present). Book: :ref:`sec-samplers-pc`.
+    ``predictor=None`` is annealed Langevin dynamics (Song & Ermon 2019) on the continuous schedule,
+    ``corrector=None`` the predictor alone. ``predictor(score_fn, sde, x, t, dt, generator=...)`` and
+    ``corrector(score_fn, sde, x, t, snr=..., generator=...)`` return ``(x, x_mean)``. Returns
+    ``(x, nfe)``, ``nfe = n_steps * (1 + n_corrector_steps)`` with both. Book: :ref:`sec-samplers-pc`.
     """
     grid = _grid(sde, n_steps, eps, ts)
     score = CountedScore(score_fn)
@@ -405,55 +302,36 @@ def pc_sample(
 
 def euler_maruyama_sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, **options) -> Tuple[Tensor, int]:
     """Euler-Maruyama on the reverse SDE (:func:`euler_maruyama_step`); ``nfe = n_steps``.
-
-    Options as :func:`pc_sample` (``eps``, ``ts``, ``generator``, ``device``, ``dtype``,
-    ``x_init``, ``denoise``, ``callback``). Book: :ref:`sec-samplers`.
-    """
+    Options as :func:`pc_sample`. Book: :ref:`sec-samplers`."""
     return pc_sample(score_fn, sde, shape, n_steps, predictor=euler_maruyama_step, corrector=None, **options)
 
 
 def reverse_diffusion_sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, **options) -> Tuple[Tensor, int]:
     """The reverse-diffusion predictor alone (:func:`reverse_diffusion_step`); ``nfe = n_steps``.
-
-    Options as :func:`pc_sample`. Book: :ref:`sec-samplers`.
-    """
+    Options as :func:`pc_sample`. Book: :ref:`sec-samplers`."""
     return pc_sample(score_fn, sde, shape, n_steps, predictor=reverse_diffusion_step, corrector=None, **options)
 
 
 def ancestral_sample(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, **options) -> Tuple[Tensor, int]:
     """Ancestral sampling (:func:`ancestral_step`: DDPM for VP, SMLD for VE); ``nfe = n_steps``.
-
-    Options as :func:`pc_sample`. Book: :ref:`sec-samplers`.
-    """
+    Options as :func:`pc_sample`. Book: :ref:`sec-samplers`."""
     return pc_sample(score_fn, sde, shape, n_steps, predictor=ancestral_step, corrector=None, **options)
 
 
 # ----- probability-flow ODE: fixed steps ----------------------------------------------------
 def heun_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = True,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eps: Optional[float] = None,
+    ts: Optional[Sequence[float] | Tensor] = None, generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    x_init: Optional[Tensor] = None, denoise: bool = True, callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """Fixed-step Heun (2nd-order, explicit trapezoidal) integration of the probability-flow ODE.
 
-    On the grid ``t_i`` (uniform unless ``ts`` is given, e.g. :func:`edm_time_grid`), with
-    ``v(x, t) = f - g^2 score / 2``: ``d_i = v(x_i, t_i)``, ``x' = x_i + (t_{i+1} - t_i) d_i``,
-    ``x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + v(x', t_{i+1})) / 2``, so ``nfe = 2 n_steps``.
-    Every step is a Heun step, the last one too: Karras et al. (2022, Algorithm 1) end with
-    an Euler step only because their last time has zero noise, where the velocity is not
-    needed; here ``t_N = eps > 0`` and a final Euler step would be the largest single error
-    at low NFE. ``denoise`` is accepted for the shared signature; an ODE step adds no noise,
-    so it has no effect. Book: :ref:`sec-samplers-ode`.
+    With ``v = f - g^2 score / 2`` and ``h = t_{i+1} - t_i``: ``x' = x_i + h v(x_i, t_i)``,
+    ``x_{i+1} = x_i + h (v(x_i, t_i) + v(x', t_{i+1})) / 2``, so ``nfe = 2 n_steps``. The last step
+    is a Heun step too: Karras et al. (2022) end with Euler only because their last time has zero
+    noise; here ``t_N = eps > 0``. ``denoise`` has no effect (an ODE step adds no noise).
+    Book: :ref:`sec-samplers-ode`.
     """
     grid = _grid(sde, n_steps, eps, ts)
     score = CountedScore(score_fn)
@@ -471,12 +349,9 @@ def heun_sample(
 # ----- probability-flow ODE: adaptive steps (torchdiffeq) -----------------------------------
 def solve_ode(func, state0, t0: float, t1: float, *, rtol: float, atol: float, method: str,
               max_steps: Optional[int] = None, what: str = "the ODE solver"):
-    """``state(t1)`` of ``d state/dt = func(t, state)`` from ``state(t0) = state0`` (a tensor or a tuple),
-    with a torchdiffeq adaptive solver; its step-size failures become clear errors.
-
-    torchdiffeq steps past the end and interpolates back; forcing a step onto ``t1`` keeps every
-    evaluation inside ``[t0, t1]``, where the score (and for VE the marginal) is defined.
-    """
+    """``state(t1)`` of ``d state/dt = func(t, state)``, ``state(t0) = state0`` (a tensor or a tuple),
+    by a torchdiffeq adaptive solver whose step-size failures become clear errors. A step forced onto
+    ``t1`` keeps every evaluation in ``[t0, t1]``, where the score (for VE, the marginal) is defined."""
     from torchdiffeq import odeint  # the one place that needs torchdiffeq
 
     ref = state0[0] if isinstance(state0, tuple) else state0
@@ -520,31 +395,18 @@ def _ode_options(rtol: float, atol: float, method: str, n_steps: Optional[int]) 
 
 
 def ode_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: Optional[int] = None,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    eps: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    callback: Optional[Callback] = None,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: Optional[int] = None, *,
+    rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5", eps: Optional[float] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """Sample by integrating the probability-flow ODE from ``T`` down to ``eps`` with an adaptive solver.
 
-    ``dx/dt = f(x, t) - g(t)^2 score(x, t) / 2`` (Song et al. 2021, eq. 13), solved by
-    torchdiffeq (``dopri5`` = Dormand-Prince RK45) from ``x_T ~ p_T`` (or ``x_init``). The
-    solver chooses its steps from ``rtol`` and ``atol``; ``n_steps``, if given, bounds their
-    number (an error, not a silent stop, when it is not enough). The only randomness is the
-    prior draw. ``nfe`` counts velocity evaluations (one score call each), including the
-    solver's initial step-size selection; ``callback(i, t, x)`` sees every evaluation, rejected
-    trial steps included. Adaptive step-size control compares error estimates on the host, so
-    unlike the fixed-step samplers this one synchronises at every step. Book: :ref:`sec-samplers-ode`.
+    ``dx/dt = f(x, t) - g(t)^2 score(x, t) / 2`` (Song et al. 2021, eq. 13) by torchdiffeq
+    (``dopri5`` is RK45), steps chosen from ``rtol``, ``atol``; ``n_steps``, if given, bounds their
+    number (an error when too few). ``nfe`` counts velocity evaluations, the initial step-size
+    selection included; ``callback(i, t, x)`` sees each, rejected trial steps too. Step-size control
+    reads error estimates on the host: this sampler syncs every step. Book: :ref:`sec-samplers-ode`.
     """
     max_steps = _ode_options(rtol, atol, method, n_steps)
     eps = _eps(sde, eps)
@@ -556,22 +418,13 @@ def ode_sample(
 
 
 def ode_encode(
-    score_fn: ScoreFn,
-    sde: SDE,
-    x: Tensor,
-    n_steps: Optional[int] = None,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    eps: Optional[float] = None,
+    score_fn: ScoreFn, sde: SDE, x: Tensor, n_steps: Optional[int] = None, *, rtol: float = 1e-5,
+    atol: float = 1e-5, method: str = "dopri5", eps: Optional[float] = None,
 ) -> Tuple[Tensor, int]:
     """Encode data into the latent ``z = x_T`` by integrating the probability-flow ODE from ``eps`` to ``T``.
 
-    The inverse of :func:`ode_sample` (up to solver error): ``ode_sample(..., x_init=z)``
-    reconstructs ``x``; interpolating latents gives interpolations of data (Song et al.
-    2021, sec. 4.3). ``x`` is ``[B, ...]``; returns ``(z, nfe)`` with ``z`` shaped like ``x``.
-    Book: :ref:`sec-samplers-ode`.
+    The inverse of :func:`ode_sample` up to solver error (Song et al. 2021, sec. 4.3):
+    ``ode_sample(..., x_init=z)`` reconstructs ``x [B, ...]``. Book: :ref:`sec-samplers-ode`.
     """
     check_tensor("x", x, floating=True, nonempty=True)
     max_steps = _ode_options(rtol, atol, method, n_steps)
@@ -583,26 +436,15 @@ def ode_encode(
 
 
 # =============================================================================================
-# Fast samplers: DDIM, DPM-Solver++ and EDM's solvers (book chapter 8, :ref:`sec-fast-sampling`)
-#
-# In the scaled state ``y = x / alpha_t`` and the noise-to-signal ratio
-# ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` (``lambda_t = log(alpha_t / sigma_t)`` is the
-# log signal-to-noise ratio) the probability-flow ODE of every SDE of this package is one and
-# the same equation (Karras et al. 2022, eq. 4 with their sigma(t) = t, s(t) = 1):
-#
-#     dy / dsigma = (y - D(y, sigma)) / sigma,     D = x0_hat = (x + sigma_t^2 score(x, t)) / alpha_t,
-#
-# where ``D`` is Tweedie's denoiser (the data prediction). The SDEs differ only in the range of
-# sigma they cover and in the clock t that maps onto it. Written in lambda the ODE is
-# semi-linear, ``d(x / sigma_t) / d lambda = exp(lambda) D``, so its linear part can be
-# integrated exactly (variation of constants):
-#
+# Fast samplers: DDIM, DPM-Solver++ and EDM's solvers (book chapter 8, :ref:`sec-fast-sampling`).
+# In ``y = x / alpha_t`` and ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` (``lambda_t`` the
+# log-SNR) every SDE here has the same probability-flow ODE (Karras et al. 2022, eq. 4):
+#     dy/dsigma = (y - D)/sigma,    D = x0_hat = (x + sigma_t^2 score(x, t)) / alpha_t.
+# Semi-linear in lambda, its linear part integrates exactly (variation of constants):
 #     x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} exp(lambda) D dlambda.
-#
-# Freezing D at the start of the step gives DDIM (= DPM-Solver++ of order 1 = Euler in
-# (y, sigma)); expanding D to higher order in lambda gives DPM-Solver++ (Lu et al. 2022,
-# arXiv:2211.01095). All grid quantities are Python floats computed in float64 before the loop,
-# so the loops only do tensor arithmetic (no host syncs); ``_finished`` checks the result once.
+# D frozen over the step is DDIM (= DPM-Solver++ order 1 = Euler in (y, sigma)); D expanded in
+# lambda is DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095). Grid quantities are Python floats
+# computed in float64 before the loop, so the loops do tensor arithmetic only (no host syncs).
 # =============================================================================================
 def _marginals(sde: SDE, ts: Sequence[float]) -> Tuple[List[float], List[float]]:
     """``(alpha_t, sigma_t)`` at the times ``ts`` as Python floats, computed in float64 on the CPU."""
@@ -615,30 +457,21 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
                      dtype: torch.dtype = torch.float32) -> Tensor:
     """A grid ``T = t_0 > ... > t_N = eps`` uniform in the log-SNR ``lambda_t = log(alpha_t / sigma_t)``.
 
-    With ``sigma = sigma_t / alpha_t = exp(-lambda_t)`` running from ``sigma(T)`` down to
-    ``sigma(eps)``: ``lambda_i = lambda_0 + i (lambda_N - lambda_0) / N``, inverted by bisection, so
-    the grid works for any SDE. This is the "logSNR" grid of DPM-Solver (Lu et al. 2022, sec. 3.3)
-    and the ``rho -> infinity`` limit of :func:`edm_time_grid`.
-
-    ``sigma_min`` / ``sigma_max`` concentrate the grid on a noise range, as EDM's samplers do
-    (Karras et al. 2022 use ``[0.002, 80]`` for data of unit scale): outside the range the
-    points are ``tail_density`` times as dense in ``lambda`` as inside. Steps beyond
-    ``sigma_max`` (where the denoiser ``D`` is nearly the data mean) or below ``sigma_min``
-    (where ``x`` is data up to invisible noise) are nearly wasted: VE (``sigma`` from 50 down to
-    1.3e-4) and sub-VP (152 down to 1e-4) would otherwise spend a quarter of a uniform grid
-    there. A positive ``tail_density`` keeps every step shrinking like ``1/N``, so a solver
-    keeps its order of convergence; 0 would give the tails one step each, whatever ``N``.
-    Shape ``[n_steps + 1]``; pass it as ``ts=``. Book: :ref:`sec-fast-grids`.
+    Inverted by bisection (any SDE): DPM-Solver's "logSNR" grid (Lu et al. 2022, sec. 3.3), the
+    ``rho -> infinity`` limit of :func:`edm_time_grid`. ``sigma_min``, ``sigma_max`` bound a range of
+    ``sigma = sigma_t / alpha_t`` (EDM: ``[0.002, 80]`` for unit-scale data) outside which steps are
+    nearly wasted and points ``tail_density`` times as dense in ``lambda``; ``tail_density > 0`` keeps
+    every step shrinking like ``1/N``, so a solver keeps its order. Shape ``[n_steps + 1]``; pass it
+    as ``ts=``. Book: :ref:`sec-fast-grids`.
     """
     n_steps = check_int("n_steps", n_steps)
     eps = _eps(sde, eps)
     tail_density = check_number("tail_density", tail_density, 0.0, 1.0)
-    if sigma_min is not None:
-        check_positive("sigma_min", sigma_min)
-    if sigma_max is not None:
-        check_positive("sigma_max", sigma_max)
-        if sigma_min is not None and not sigma_max > sigma_min:
-            raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None:
+            check_positive(name, value)
+    if sigma_min is not None and sigma_max is not None and not sigma_max > sigma_min:
+        raise ValueError(f"need sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     hi, lo = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
     # Breakpoints of a piecewise-linear warp in log sigma = -lambda: density tail_density on
     # [sigma_max, sigma(T)] and [sigma(eps), sigma_min], 1 in between; uniform in the warp.
@@ -693,19 +526,10 @@ def _denoised(D, x: Tensor, denoise: bool, t: float, alpha: float, sigma: float)
 
 # ----- DDIM ----------------------------------------------------------------------------------
 def ddim_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    eta: float = 0.0,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, eta: float = 0.0,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) for any SDE: ``x0_hat`` and ``eps_hat`` recombined at the next time.
@@ -714,19 +538,14 @@ def ddim_sample(
 
         x_t = alpha_t x0_hat + sqrt(sigma_t^2 - c^2) eps_hat + c z,   c = eta sigma_t sqrt(1 - exp(-2 h)),
 
-    ``h = lambda_t - lambda_s``. ``eta = 0`` is deterministic: then ``x_t = (sigma_t / sigma_s) x_s +
-    alpha_t (1 - exp(-h)) x0_hat``, which is one Euler step of ``dy/dsigma = (y - D)/sigma`` in
-    ``y = x / alpha``, ``sigma = sigma_t / alpha_t``, and DPM-Solver++ of order 1 (first-order
-    exponential integrator of the probability-flow ODE). ``eta = 1`` is ancestral sampling
-    (:func:`ancestral_step`, the DDPM posterior); ``0 < eta < 1`` interpolates. ``nfe = n_steps``
-    (+1 with ``denoise``: a final ``x0_hat(x_N, t_N)``).
+    ``h = lambda_t - lambda_s``. ``eta = 0`` is deterministic: DPM-Solver++ of order 1, an Euler step
+    of ``dy/dsigma = (y - D)/sigma``; ``eta = 1`` is ancestral sampling (the DDPM posterior);
+    ``0 < eta < 1`` interpolates. ``nfe = n_steps`` (+1 with ``denoise``: a final ``x0_hat(x_N, t_N)``).
 
-    Defaults, measured with exact scores by ``benchmarks/samplers_vs_nfe.py --ablation``: the
-    grid uniform in ``lambda`` on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`),
-    shared with :func:`dpm_solver_sample` so that DDIM is its order 1 (a uniform ``t`` grid gave
-    DDIM a 30% lower energy distance but a larger log-density error, EDM's ``rho = 7`` grid
-    was worse on both); no final denoising, which at equal NFE was no better.
-    Book: :ref:`sec-fast-ddim`.
+    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): the grid of
+    :func:`dpm_solver_sample` (:func:`lambda_time_grid` on EDM's ``[0.002, 80]``), so that DDIM is its
+    order 1 (EDM's ``rho = 7`` grid was worse in both measures); no final denoising (no better at equal
+    NFE). Book: :ref:`sec-fast-ddim`.
     """
     eta = check_number("eta", eta, 0.0, None)
     grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
@@ -759,10 +578,9 @@ def ddim_sample(
 def dpm_solver_orders(nfe: int, order: int = 3) -> List[int]:
     """DPM-Solver's order schedule for single-step sampling with a budget of ``nfe`` evaluations.
 
-    Steps of order ``order`` and at most two lower-order steps at the end, summing to ``nfe``
-    (Lu et al. 2022a, "DPM-Solver-fast", sec. 3.4): e.g. ``nfe = 10, order = 3 -> [3, 3, 3, 1]``.
-    Pass it as ``order=`` to :func:`dpm_solver_sample` with ``multistep=False`` and
-    ``n_steps = len(orders)``.
+    Steps of order ``order`` and at most two lower-order steps at the end, summing to ``nfe`` (Lu et
+    al. 2022a, "DPM-Solver-fast", sec. 3.4): ``nfe = 10, order = 3 -> [3, 3, 3, 1]``. Pass it as
+    ``order=`` to :func:`dpm_solver_sample` with ``multistep=False`` and ``n_steps = len(orders)``.
     """
     nfe = check_int("nfe", nfe)
     check_choice("order", order, (1, 2, 3))
@@ -892,54 +710,31 @@ def _singlestep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
 
 
 def dpm_solver_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    order: Optional[int | Sequence[int]] = None,
-    multistep: bool = True,
-    lower_order_final: bool = True,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *,
+    order: Optional[int | Sequence[int]] = None, multistep: bool = True, lower_order_final: bool = True,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): exponential integrators in the data prediction.
 
-    The probability-flow ODE solved exactly in its linear part (variation of constants in
-    ``lambda = log(alpha_t / sigma_t)``, ``h = lambda_t - lambda_s``):
+    The variation-of-constants formula (see the fast-samplers comment) with ``D`` a polynomial in
+    ``lambda``: order 1 is DDIM; ``order=None`` is 3 from 10 steps on, 2 below; a sequence gives
+    per-step orders, used as given (e.g. :func:`dpm_solver_orders`). ``multistep=True`` reuses the
+    ``D`` of previous steps (2M: Algorithm 2; 3M: the quadratic through three), from order 1 up,
+    ``nfe = n_steps``; ``multistep=False`` takes stages inside each step (2S: Algorithm 1,
+    ``r = 1/2``; 3S: ``r = 1/3, 2/3``), ``nfe`` = the sum of the orders. ``lower_order_final`` lowers
+    the last steps to orders 1, 2 below 10 steps (as the official code) and, multistep, the last step
+    to order 1 with 10-14 steps (as diffusers): it spans the whole low-noise tail, where a polynomial
+    fitted to the shorter steps before overshoots while ``D`` barely changes. ``denoise`` adds a
+    final ``x0_hat(x_N, t_N)`` (+1 NFE).
 
-        x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} exp(lambda) D(x_lambda, lambda) dlambda,
-
-    with ``D = (x + sigma_t^2 score) / alpha_t`` approximated by a polynomial in ``lambda``:
-    order 1 is DDIM; ``order=None`` (default) is 3 with at least 10 steps and 2 with fewer;
-    ``multistep=True`` reuses the ``D`` of previous steps (2M: Algorithm 2,
-    3M: the quadratic through three), one evaluation per step, ``nfe = n_steps``;
-    ``multistep=False`` takes intermediate stages inside each step (2S: Algorithm 1 with
-    ``r = 1/2``; 3S: stages at ``r = 1/3, 2/3``), ``nfe = sum of the orders``. ``order`` may be a
-    sequence of per-step orders (e.g. :func:`dpm_solver_orders`), used as given. A multistep method starts at
-    order 1 and rises as history accumulates; ``lower_order_final`` lowers the last steps to
-    orders 1, 2 when there are fewer than 10 steps (as the official code does) and, in the
-    multistep form, the last step alone to order 1 with 10-14 steps ("Euler at the final step",
-    as diffusers' solver does below 15 steps): the last step of a short grid spans the whole
-    low-noise tail, over which a polynomial extrapolated from the previous, much shorter steps
-    overshoots, while ``D`` itself barely changes there. With 15 or more steps the method keeps
-    its order. ``denoise`` adds a final ``x0_hat(x_N, t_N)`` (+1 NFE).
-
-    Defaults, measured with exact scores by ``benchmarks/samplers_vs_nfe.py --ablation`` (two
-    2-D mixtures, VP, sub-VP and VE): multistep; ``order=None`` means 3M from 10 steps on and
-    2M below (3M's quadratic extrapolation over the long steps of a short grid overshoots:
-    at 5 NFE it was up to 10x further from the true-sample floor than 2M, at 10-50 NFE it
-    was the best of all forms); the grid uniform in ``lambda`` on EDM's noise range
-    ``[0.002, 80]`` (:func:`lambda_time_grid`; EDM's ``rho = 7`` grid and a uniform ``t`` grid
-    were several times worse at 10-20 NFE); lower-order final steps below 15 steps (at 10 NFE
-    the first-order last step cut the energy distance of 3M from 2.4-10x to 1.8-2.2x the
-    floor on the 3-mode mixture); no final denoising, which at equal NFE was no better. Book: :ref:`sec-fast-dpm-solver`.
+    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): multistep;
+    3M from 10 steps (the best form at 10-50 NFE), 2M below (3M overshoots on a short grid's long
+    steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]`` (:func:`lambda_time_grid`; EDM's
+    and a uniform ``t`` grid were several times worse); no final denoising (no better).
+    Book: :ref:`sec-fast-dpm-solver`.
     """
     grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
     orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final)
@@ -982,45 +777,25 @@ def _churn_times(sde: SDE, grid: List[float], nsr: List[float], S_churn: float, 
 
 
 def edm_sample(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    n_steps: int,
-    *,
-    order: int = 2,
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = float("inf"),
-    S_noise: float = 1.0,
-    eps: Optional[float] = None,
-    ts: Optional[Sequence[float] | Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_init: Optional[Tensor] = None,
-    denoise: bool = False,
+    score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *, order: int = 2,
+    S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0,
+    eps: Optional[float] = None, ts: Optional[Sequence[float] | Tensor] = None,
+    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
     callback: Optional[Callback] = None,
 ) -> Tuple[Tensor, int]:
     """EDM's samplers (Karras et al. 2022, Algorithms 1 and 2) in ``y = x / alpha_t``, ``sigma = sigma_t / alpha_t``.
 
-    Integrates ``dy/dsigma = (y - D(y, sigma)) / sigma`` (``D = x0_hat``) from ``sigma(t_i)`` to
-    ``sigma(t_{i+1})``: ``order=1`` is Euler (identical to DDIM), ``order=2`` Heun (two
-    evaluations per step, ``nfe = 2 n_steps``). With ``S_churn > 0`` each step first raises the
-    noise level of steps with ``S_tmin <= sigma_i <= S_tmax`` to ``sigma_hat = (1 + gamma) sigma_i``,
-    ``gamma = min(S_churn / N, sqrt(2) - 1)``, by adding ``N(0, (sigma_hat^2 - sigma_i^2) S_noise^2 I)``
-    to ``y`` (Algorithm 2; ``sigma_hat`` is capped at ``sigma(T)``), then steps from ``sigma_hat``.
-    ``S_tmin``, ``S_tmax`` are noise-to-signal ratios, as in EDM. Every step is a Heun step,
-    the last one too: EDM's final Euler step is a step to ``sigma = 0``, which here is
-    ``denoise=True`` (a final ``x0_hat(x_N, t_N)``, +1 NFE).
+    Integrates ``dy/dsigma = (y - D)/sigma`` step by step: ``order=1`` is Euler (identical to DDIM),
+    ``order=2`` Heun (``nfe = 2 n_steps``), the last step too (EDM's final Euler step to
+    ``sigma = 0`` is ``denoise=True``: a final ``x0_hat(x_N, t_N)``, +1 NFE). ``S_churn > 0`` first
+    raises the noise of steps with ``S_tmin <= sigma_i <= S_tmax`` (noise-to-signal ratios, as in
+    EDM) to ``sigma_hat = (1 + gamma) sigma_i``, ``gamma = min(S_churn / N, sqrt(2) - 1)``, capped at
+    ``sigma(T)``, by adding ``N(0, (sigma_hat^2 - sigma_i^2) S_noise^2 I)`` to ``y`` (Algorithm 2).
 
-    Defaults: Heun on EDM's grid (:func:`edm_time_grid`, ``rho = 7``), no final denoising,
-    deterministic. With exact scores (``benchmarks/samplers_vs_nfe.py --ablation``) a uniform
-    ``t`` grid or :func:`lambda_time_grid` gave Heun a 2-6x smaller energy distance at 20 NFE,
-    but with the learned digits model of the book (chapter 8) the ``rho = 7`` grid was the
-    only one that worked at 10 NFE (Frechet distance 48 against 616 on the ``lambda`` grid and
-    98 on the uniform one, 54 for an accurate ODE solution), so the paper's grid stays. EDM's
-    final Euler step to ``sigma = 0`` (``denoise=True`` on a grid one step shorter) cost more
-    than the Heun step it replaces; churn (``S_churn > 0``) only added error with exact scores.
+    Defaults: Heun on EDM's ``rho = 7`` grid (:func:`edm_time_grid`), the only grid that worked at
+    10 NFE with the book's learned digits model (exact scores favour others); no final denoising (it
+    cost more than the Heun step it replaces); no churn (with exact scores it only added error).
     Book: :ref:`sec-fast-edm`.
     """
     check_choice("order", order, (1, 2))
@@ -1058,6 +833,3 @@ def edm_sample(
     x, _ = sample_loop(update, _initial_state(sde, shape, x_init, generator, device, dtype), grid, callback)
     x = _denoised(D, x, denoise, grid[-1], alpha[-1], sigma[-1])
     return _finished(x, score.nfe, "edm_sample")
-
-
-__all__ += ["lambda_time_grid", "ddim_sample", "dpm_solver_orders", "dpm_solver_sample", "edm_sample"]
