@@ -24,7 +24,9 @@ from torch import Tensor
 from .checks import check_int, check_number, check_positive
 from .sde import SDE, batch_time
 
-__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn"]
+__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn", "two_moons", "swiss_roll", "checkerboard",
+           "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture", "load_digits", "CIFAR10_CLASSES",
+           "load_cifar10", "IMAGE_SUFFIXES", "load_image_folder", "load_npz"]
 
 
 def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
@@ -387,9 +389,6 @@ def eight_gaussians(
     return _finish(x, device, dtype)
 
 
-__all__ += ["two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture"]
-
-
 # ===== scikit-learn's 8x8 handwritten digits. Book: :ref:`sec-digits`.
 
 
@@ -413,9 +412,6 @@ def load_digits(return_int: bool = False, dtype: torch.dtype = torch.float32) ->
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     return levels.to(dtype) / 16, labels
-
-
-__all__ += ["load_digits"]
 
 
 # ===== CIFAR-10 (python version), read from a local copy. Book: :ref:`sec-cifar10`.
@@ -577,9 +573,6 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.concatenate(labels))
 
 
-__all__ += ["CIFAR10_CLASSES", "load_cifar10"]
-
-
 # ===== Your own images: a folder of image files, or an array file. Book: :ref:`sec-scaling-up`.
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -706,6 +699,3 @@ def load_npz(path: str | os.PathLike) -> Tuple[Tensor, Optional[Tensor]]:
                              f"got {lab.dtype} {list(lab.shape)}")
         labels = torch.from_numpy(lab.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(x)), labels
-
-
-__all__ += ["IMAGE_SUFFIXES", "load_image_folder", "load_npz"]
