@@ -1,10 +1,9 @@
 """Controllable generation: guided scores, inpainting and colorization with an unconditional model.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), sec. 5 and app. I:
-``grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x)`` (eqs. 14, 48).
-Every guided score is again a ``score_fn(x [B, ...], t [B]) -> like x`` for any sampler of
-:mod:`minisgm.samplers`; inpainting and colorization run the samplers' predictor-corrector
+Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations",
+ICLR (arXiv:2011.13456), sec. 5 and app. I: ``grad_x log p_t(x | y) = grad_x log p_t(x) +
+grad_x log p_t(y | x)`` (eqs. 14, 48). Every guided score is again a ``score_fn(x [B, ...], t [B])``
+for any sampler of :mod:`minisgm.samplers`; inpainting and colorization run its predictor-corrector
 update (:func:`minisgm.samplers.pc_update`) with a projection that puts the known entries back.
 Book: :ref:`sec-guidance`.
 """

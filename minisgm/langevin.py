@@ -3,7 +3,6 @@
 Book: :ref:`sec-langevin`, :ref:`sec-annealed-langevin`, :ref:`sec-denoising-step`,
 :ref:`sec-ncsnv2-techniques`. Song & Ermon (2019), Algorithm 1; Song & Ermon (2020), "Improved
 techniques for training score-based generative models" (NCSNv2), techniques 1, 2 and 4.
-
 Step convention (as NCSNv2's Algorithm 1): one step is ``x + alpha s + sqrt(2 alpha) z``; Song &
 Ermon 2019 write ``alpha/2 s + sqrt(alpha) z`` (their alpha is twice ours). Every sampler returns
 ``(x, nfe)`` like :mod:`minisgm.samplers`; ``callback(k, x)`` sees the state after step ``k``.

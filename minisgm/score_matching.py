@@ -3,10 +3,9 @@
 All losses estimate (up to a model-independent constant) a weighted Fisher divergence
 ``1/2 E_x || s_theta(x) - grad_x log p(x) ||^2``, with one convention: **the squared norm is
 summed over all data dimensions, carries the factor 1/2 of the papers, and is averaged over the
-batch** (``reduction="mean"``; ``"none"`` returns the ``[B]`` per-sample values).
-Score models are callables ``score(x)``, ``score(x, sigma [B])`` (NCSN) or ``score(x, t [B])``
-(SDE); an energy model fits through :func:`minisgm.ebm.energy_score_fn`.
-Book: :ref:`sec-score-matching`.
+batch** (``reduction="mean"``; ``"none"`` returns the ``[B]`` per-sample values). Score models are
+``score(x)``, ``score(x, sigma [B])`` (NCSN) or ``score(x, t [B])`` (SDE); an energy model fits
+through :func:`minisgm.ebm.energy_score_fn`. Book: :ref:`sec-score-matching`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """Forward SDEs ``dx = f(x, t) dt + g(t) dw``, ``t in [0, T]``: VE, VP, sub-VP and rectified flow.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), eqs. (5)-(6), (9), (11),
-(13), (29)-(34). Book: :ref:`sec-sde-forward`, notation :ref:`sec-notation`. The drift is
-linear, so ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` (:meth:`SDE.marginal_coeffs`) and the
-transition, reverse drift and probability-flow ODE follow generically.
-
-Shapes: ``x`` is ``[B, ...]``, ``t`` is ``[B]`` (a number or 0-d tensor is broadcast); SDE
-scalars come back as ``[B]``. A tensor ``t`` is range-checked only in debug mode (:mod:`minisgm.checks`).
+Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations",
+ICLR (arXiv:2011.13456), eqs. (5)-(6), (9), (11), (13), (29)-(34). Book: :ref:`sec-sde-forward`,
+notation :ref:`sec-notation`. The drift is linear, so ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)``
+(:meth:`SDE.marginal_coeffs`); the transition, reverse drift and probability-flow ODE follow generically.
+Shapes: ``x [B, ...]``, ``t [B]`` (a number or 0-d tensor is broadcast), SDE scalars ``[B]``; a
+tensor ``t`` is range-checked only in debug mode (:mod:`minisgm.checks`).
 """
 
 from __future__ import annotations
