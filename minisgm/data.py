@@ -24,7 +24,9 @@ from torch import Tensor
 from .checks import check_int, check_number, check_positive
 from .sde import SDE, batch_time
 
-__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn"]
+__all__ = ["GaussianMixture", "exact_score_fn", "exact_log_prob_fn", "two_moons", "swiss_roll", "checkerboard",
+           "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture", "load_digits", "CIFAR10_CLASSES",
+           "load_cifar10", "IMAGE_SUFFIXES", "load_image_folder", "load_npz"]
 
 
 def _as_tensor(name: str, value, dtype: torch.dtype) -> Tensor:
@@ -127,10 +129,9 @@ class GaussianMixture:
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(m * self.means, weights=self.weights, covs=m * m * self.covs + s * s * eye)
 
-    def sample(
-        self, n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32, return_labels: bool = False,
-    ):
+    def sample(self, n: int, generator: Optional[torch.Generator] = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+               return_labels: bool = False):
         """Draw ``n`` samples ``[n, d]`` (and their component labels ``[n]`` if asked)."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -252,10 +253,8 @@ def _finish(x: Tensor, device, dtype: torch.dtype, noise: float = 0.0, generator
     return x.to(device=device if device is not None else x.device, dtype=dtype)
 
 
-def two_moons(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, noise: float = 0.05,
-) -> Tensor:
+def two_moons(n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32, noise: float = 0.05) -> Tensor:
     """Two interleaved half circles, ``[n, 2]`` (the shape of scikit-learn's ``make_moons``).
 
     Upper moon ``(cos a, sin a)``, lower moon ``(1 - cos a, 1/2 - sin a)``, ``a ~ U[0, pi]``, each
@@ -274,10 +273,8 @@ def two_moons(
     return _finish(out, device, dtype, noise, generator)
 
 
-def swiss_roll(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, noise: float = 0.05,
-) -> Tensor:
+def swiss_roll(n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32, noise: float = 0.05) -> Tensor:
     """The 2-D Swiss roll ``(a cos a, a sin a)``, ``a ~ U[3 pi / 2, 9 pi / 2]``, ``[n, 2]``.
 
     Centred at the exact mean and divided by the exact RMS std ``sqrt((E a^2 - |mean|^2) / 2)``.
@@ -295,10 +292,9 @@ def swiss_roll(
     return _finish(out, device, dtype, noise, generator)
 
 
-def checkerboard(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, n_squares: int = 4,
-) -> Tensor:
+def checkerboard(n: int, generator: Optional[torch.Generator] = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 n_squares: int = 4) -> Tensor:
     """Uniform density on the dark squares of an ``n_squares x n_squares`` board, ``[n, 2]``.
 
     The board is ``[-sqrt(3), sqrt(3)]^2``, square ``(i, j)`` dark when ``i + j`` is even; with
@@ -319,10 +315,8 @@ def checkerboard(
     return _finish(-half + (cell + u) * (2 * half / k), device, dtype)
 
 
-def rings(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, n_rings: int = 4, noise: float = 0.04,
-) -> Tensor:
+def rings(n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+          dtype: torch.dtype = torch.float32, n_rings: int = 4, noise: float = 0.04) -> Tensor:
     """Concentric circles of radii ``r_i = i R / n_rings``, ``i = 1..n_rings``, ``[n, 2]``.
 
     Points are uniform along the total arc length (ring ``i`` has probability ``~ r_i``); ``R`` makes
@@ -344,10 +338,9 @@ def rings(
     return _finish(out, device, dtype, noise, generator)
 
 
-def spirals(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, n_arms: int = 2, turns: float = 1.5, noise: float = 0.05,
-) -> Tensor:
+def spirals(n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+            dtype: torch.dtype = torch.float32, n_arms: int = 2, turns: float = 1.5,
+            noise: float = 0.05) -> Tensor:
     """``n_arms`` interleaved Archimedean spirals, ``[n, 2]``.
 
     Arm ``k`` (chosen uniformly) is ``r (cos(a + 2 pi k / n_arms), sin(a + 2 pi k / n_arms))`` with
@@ -377,17 +370,13 @@ def eight_gaussians_mixture(radius: float = math.sqrt(2.0), std: float = 0.1) ->
     return GaussianMixture(means, stds=std)
 
 
-def eight_gaussians(
-    n: int, generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32, radius: float = math.sqrt(2.0), std: float = 0.1,
-) -> Tensor:
+def eight_gaussians(n: int, generator: Optional[torch.Generator] = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                    radius: float = math.sqrt(2.0), std: float = 0.1) -> Tensor:
     """Samples ``[n, 2]`` of :func:`eight_gaussians_mixture` ``(radius, std)``."""
     n = check_int("n", n, 0)
     x = eight_gaussians_mixture(radius, std).sample(n, generator=generator, dtype=torch.float64)
     return _finish(x, device, dtype)
-
-
-__all__ += ["two_moons", "swiss_roll", "checkerboard", "rings", "spirals", "eight_gaussians", "eight_gaussians_mixture"]
 
 
 # ===== scikit-learn's 8x8 handwritten digits. Book: :ref:`sec-digits`.
@@ -413,9 +402,6 @@ def load_digits(return_int: bool = False, dtype: torch.dtype = torch.float32) ->
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     return levels.to(dtype) / 16, labels
-
-
-__all__ += ["load_digits"]
 
 
 # ===== CIFAR-10 (python version), read from a local copy. Book: :ref:`sec-cifar10`.
@@ -577,9 +563,6 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> Tuple[Tensor, T
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.concatenate(labels))
 
 
-__all__ += ["CIFAR10_CLASSES", "load_cifar10"]
-
-
 # ===== Your own images: a folder of image files, or an array file. Book: :ref:`sec-scaling-up`.
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -598,9 +581,8 @@ def _resize_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
-def load_image_folder(
-    path: str | os.PathLike, image_size: int = 0, channels: int = 0
-) -> Tuple[Tensor, Optional[Tensor], Tuple[str, ...]]:
+def load_image_folder(path: str | os.PathLike, image_size: int = 0,
+                      channels: int = 0) -> Tuple[Tensor, Optional[Tensor], Tuple[str, ...]]:
     """Every image file under ``path`` (recursively): ``(images uint8 [N, C, H, W], labels, classes)``.
 
     If every image lies in a sub-folder of ``path`` (``path/cat/1.png``), the first-level
@@ -706,6 +688,3 @@ def load_npz(path: str | os.PathLike) -> Tuple[Tensor, Optional[Tensor]]:
                              f"got {lab.dtype} {list(lab.shape)}")
         labels = torch.from_numpy(lab.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(x)), labels
-
-
-__all__ += ["IMAGE_SUFFIXES", "load_image_folder", "load_npz"]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .data import load_digits
+
 __all__ = ["digits_split", "DigitClassifier", "digit_classifier", "digit_features",
            "classify_digits", "frechet_distance", "gaussian_stats", "digits_frechet_distance",
            "nearest_neighbour_distances"]
@@ -25,14 +27,7 @@ FEATURE_DIM = 64
 
 
 def _sklearn_digits() -> Tuple[Tensor, Tensor]:
-    # Same scaling as minisgm.data.load_digits: 17 grey levels 0..16 mapped to [0, 1].
-    # The data ship with scikit-learn, so nothing is downloaded.
-    from sklearn.datasets import load_digits as _load
-
-    d = _load()
-    images = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    labels = torch.as_tensor(d.target, dtype=torch.long)
-    return images, labels
+    return load_digits()  # float32 images k / 16 in [0, 1], shipped with scikit-learn (no download)
 
 
 def digits_split(test_fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor]:

@@ -122,10 +122,9 @@ def _log_weights_1d(low: float, high: float, n: int, rule: str) -> Tensor:
     return w.log()
 
 
-def quadrature_grid(
-    lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
-    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None, max_points: int = 10**8,
-) -> Tuple[Tensor, Tensor]:
+def quadrature_grid(lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
+                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                    max_points: int = 10**8) -> Tuple[Tensor, Tensor]:
     """Points and log-weights of a tensor-product quadrature rule on a box.
 
     ``integral f(x) dx ~= sum_i w_i f(x_i)``, ``n_points`` equispaced points per axis of the box
@@ -177,10 +176,9 @@ def _evaluate_on_grid(energy_fn, points: Tensor, batch_size: int) -> Tensor:
     return torch.cat(chunks)
 
 
-def log_partition_quadrature(
-    energy_fn: EnergyFn, lows: Sequence[float], highs: Sequence[float], n_points: int, rule: str = "simpson",
-    dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None, batch_size: int = 65536,
-) -> Tensor:
+def log_partition_quadrature(energy_fn: EnergyFn, lows: Sequence[float], highs: Sequence[float],
+                             n_points: int, rule: str = "simpson", dtype: Optional[torch.dtype] = None,
+                             device: torch.device | str | None = None, batch_size: int = 65536) -> Tensor:
     """``log Z = log integral exp(-E(x)) dx ~= logsumexp_i(-E(x_i) + log w_i)`` on a box (0-d float64).
 
     The mass outside the box is ignored, so it must hold the region where ``exp(-E)`` matters.

@@ -1,10 +1,9 @@
 """Controllable generation: guided scores, inpainting and colorization with an unconditional model.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), sec. 5 and app. I:
-``grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x)`` (eqs. 14, 48).
-Every guided score is again a ``score_fn(x [B, ...], t [B]) -> like x`` for any sampler of
-:mod:`minisgm.samplers`; inpainting and colorization run the samplers' predictor-corrector
+Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations",
+ICLR (arXiv:2011.13456), sec. 5 and app. I: ``grad_x log p_t(x | y) = grad_x log p_t(x) +
+grad_x log p_t(y | x)`` (eqs. 14, 48). Every guided score is again a ``score_fn(x [B, ...], t [B])``
+for any sampler of :mod:`minisgm.samplers`; inpainting and colorization run its predictor-corrector
 update (:func:`minisgm.samplers.pc_update`) with a projection that puts the known entries back.
 Book: :ref:`sec-guidance`.
 """
@@ -143,13 +142,12 @@ def _check_mask(mask: Tensor, x_known: Tensor) -> Tensor:
     return mask.to(device=x_known.device, dtype=x_known.dtype)
 
 
-def inpaint_sample(
-    score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, n_steps: int, *,
-    predictor: Optional[StepFn] = reverse_diffusion_step,
-    corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16, n_corrector_steps: int = 1,
-    eps: Optional[float] = None, generator: Optional[torch.Generator] = None, denoise: bool = True,
-    callback: Optional[Callback] = None,
-) -> Tuple[Tensor, int]:
+def inpaint_sample(score_fn: ScoreFn, sde: SDE, x_known: Tensor, mask: Tensor, n_steps: int, *,
+                   predictor: Optional[StepFn] = reverse_diffusion_step,
+                   corrector: Optional[StepFn] = langevin_corrector_step, snr: float = 0.16,
+                   n_corrector_steps: int = 1, eps: Optional[float] = None,
+                   generator: Optional[torch.Generator] = None, denoise: bool = True,
+                   callback: Optional[Callback] = None) -> Tuple[Tensor, int]:
     """Fill in the missing entries of ``x_known`` with an unconditional score model (the replacement method).
 
     :func:`~minisgm.samplers.pc_sample` (same keyword arguments), except that after every update
@@ -211,9 +209,8 @@ def _apply(M: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("ij,bjhw->bihw", M, x)
 
 
-def colorize_sample(
-    score_fn: ScoreFn, sde: SDE, grey: Tensor, n_steps: int, *, n_channels: int = 3, **inpaint_kwargs,
-) -> Tuple[Tensor, int]:
+def colorize_sample(score_fn: ScoreFn, sde: SDE, grey: Tensor, n_steps: int, *, n_channels: int = 3,
+                    **inpaint_kwargs) -> Tuple[Tensor, int]:
     """Colour images ``[B, C, H, W]`` whose channel mean is ``grey [B, 1, H, W]`` (on the data's scale).
 
     Inpainting of the known ``u_0 = sqrt(C) grey`` in the coordinates ``u = M x`` of

@@ -3,7 +3,6 @@
 Book: :ref:`sec-langevin`, :ref:`sec-annealed-langevin`, :ref:`sec-denoising-step`,
 :ref:`sec-ncsnv2-techniques`. Song & Ermon (2019), Algorithm 1; Song & Ermon (2020), "Improved
 techniques for training score-based generative models" (NCSNv2), techniques 1, 2 and 4.
-
 Step convention (as NCSNv2's Algorithm 1): one step is ``x + alpha s + sqrt(2 alpha) z``; Song &
 Ermon 2019 write ``alpha/2 s + sqrt(alpha) z`` (their alpha is twice ours). Every sampler returns
 ``(x, nfe)`` like :mod:`minisgm.samplers`; ``callback(k, x)`` sees the state after step ``k``.
@@ -27,10 +26,9 @@ __all__ = ["langevin_sample", "mala_sample", "annealed_langevin_sample", "geomet
 
 # ----- unadjusted and Metropolis-adjusted Langevin ----------------------------------------
 @torch.no_grad()
-def langevin_sample(
-    score_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
-    generator: Optional[torch.Generator] = None, callback: Optional[Callable[[int, Tensor], None]] = None,
-) -> Tuple[Tensor, int]:
+def langevin_sample(score_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
+                    generator: Optional[torch.Generator] = None,
+                    callback: Optional[Callable[[int, Tensor], None]] = None) -> Tuple[Tensor, int]:
     """Unadjusted Langevin algorithm: ``x_{k+1} = x_k + h s(x_k) + sqrt(2 h) z_k``.
 
     Euler-Maruyama for ``dx = grad log p(x) dt + sqrt(2) dw``: biased for ``h > 0`` (on ``N(0, tau^2)``
@@ -60,11 +58,10 @@ def _autograd_score(log_prob_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor
 
 
 @torch.no_grad()
-def mala_sample(
-    log_prob_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
-    score_fn: Optional[Callable[[Tensor], Tensor]] = None, generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
-) -> Tuple[Tensor, int]:
+def mala_sample(log_prob_fn: Callable[[Tensor], Tensor], x0: Tensor, step_size: float, n_steps: int, *,
+                score_fn: Optional[Callable[[Tensor], Tensor]] = None,
+                generator: Optional[torch.Generator] = None,
+                callback: Optional[Callable[[int, Tensor, Tensor], None]] = None) -> Tuple[Tensor, int]:
     """Metropolis-adjusted Langevin: a ULA proposal accepted with the MH probability.
 
     Leaves ``p`` exactly invariant for every ``h`` (Roberts & Tweedie 1996). ``log_prob_fn(x) -> [B]``
@@ -119,11 +116,10 @@ def _check_sigmas(sigmas, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 @torch.no_grad()
-def annealed_langevin_sample(
-    score_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, sigmas: Sequence[float] | Tensor,
-    step_lr: float, n_steps_each: int, *, denoise: bool = True, generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, Tensor], None]] = None,
-) -> Tuple[Tensor, int]:
+def annealed_langevin_sample(score_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
+                             sigmas: Sequence[float] | Tensor, step_lr: float, n_steps_each: int, *,
+                             denoise: bool = True, generator: Optional[torch.Generator] = None,
+                             callback: Optional[Callable[[int, Tensor], None]] = None) -> Tuple[Tensor, int]:
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; NCSNv2 Algorithm 1).
 
     ``n_steps_each`` steps per level ``sigma_1 > ... > sigma_L`` with ``alpha_i = step_lr sigma_i^2 /
@@ -155,10 +151,8 @@ def annealed_langevin_sample(
 
 
 # ----- NCSNv2 recommendations -------------------------------------------------------------
-def geometric_sigmas(
-    sigma_max: float, sigma_min: float, n: int, dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def geometric_sigmas(sigma_max: float, sigma_min: float, n: int, dtype: torch.dtype = torch.float64,
+                     device: torch.device | str | None = None) -> Tensor:
     """``n`` noise levels ``[n]`` in geometric progression from ``sigma_max`` down to ``sigma_min``
     (Song & Ermon 2019, sec. 4.2)."""
     sigma_max = check_positive("sigma_max", sigma_max)

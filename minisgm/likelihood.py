@@ -48,11 +48,9 @@ def divergence_hutchinson(v: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     return est / probes.shape[0]
 
 
-def log_likelihood(
-    score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: Optional[float] = None, rtol: float = 1e-5,
-    atol: float = 1e-5, method: str = "dopri5", hutchinson: Optional[str] = None, n_probes: int = 1,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, int]:
+def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, eps: Optional[float] = None, rtol: float = 1e-5,
+                   atol: float = 1e-5, method: str = "dopri5", hutchinson: Optional[str] = None,
+                   n_probes: int = 1, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, int]:
     """``log p_eps(x)`` of the model's probability-flow ODE, by the instantaneous change of variables.
 
     Solves ``d/dt (x_t, delta_t) = (v, div v)`` from ``eps`` (``x_eps = x``, ``delta = 0``) to ``T``,
@@ -92,9 +90,8 @@ def log_likelihood(
     return _finished(logp[:, None], score.nfe, "log_likelihood")[0][:, 0], score.nfe
 
 
-def dequantize(
-    x_int: Tensor, n_levels: int, generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None
-) -> Tensor:
+def dequantize(x_int: Tensor, n_levels: int, generator: Optional[torch.Generator] = None,
+               dtype: Optional[torch.dtype] = None) -> Tensor:
     """Uniform dequantisation ``u = (x_int + U) / n_levels``, ``U ~ U[0, 1)^D``: values in ``[0, 1)``.
 
     ``x_int [B, ...]``: levels ``0..n_levels-1`` (integers, or floats with integer values). ``dtype``
@@ -134,12 +131,11 @@ def bpd_from_logp(logp: Tensor, n_dims: int, n_levels: int, scale: float = 2.0) 
     return -(logp + D * math.log(scale) - D * math.log(n_levels)) / (D * math.log(2))
 
 
-def bits_per_dim(
-    score_fn: ScoreFn, sde: SDE, x_int: Tensor, n_levels: int, *, scale: float = 2.0, shift: float = -1.0,
-    generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32,
-    eps: Optional[float] = None, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
-    hutchinson: Optional[str] = None, n_probes: int = 1,
-) -> Tuple[Tensor, int]:
+def bits_per_dim(score_fn: ScoreFn, sde: SDE, x_int: Tensor, n_levels: int, *, scale: float = 2.0,
+                 shift: float = -1.0, generator: Optional[torch.Generator] = None,
+                 dtype: torch.dtype = torch.float32, eps: Optional[float] = None, rtol: float = 1e-5,
+                 atol: float = 1e-5, method: str = "dopri5", hutchinson: Optional[str] = None,
+                 n_probes: int = 1) -> Tuple[Tensor, int]:
     """Bits per dimension of integer data ``x_int [B, ...]`` (levels ``0..n_levels-1``) under the model.
 
     ``x_int`` is dequantised (:func:`dequantize`) to ``u`` in ``[0, 1)^D`` and mapped to the model's

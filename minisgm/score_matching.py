@@ -3,10 +3,9 @@
 All losses estimate (up to a model-independent constant) a weighted Fisher divergence
 ``1/2 E_x || s_theta(x) - grad_x log p(x) ||^2``, with one convention: **the squared norm is
 summed over all data dimensions, carries the factor 1/2 of the papers, and is averaged over the
-batch** (``reduction="mean"``; ``"none"`` returns the ``[B]`` per-sample values).
-Score models are callables ``score(x)``, ``score(x, sigma [B])`` (NCSN) or ``score(x, t [B])``
-(SDE); an energy model fits through :func:`minisgm.ebm.energy_score_fn`.
-Book: :ref:`sec-score-matching`.
+batch** (``reduction="mean"``; ``"none"`` returns the ``[B]`` per-sample values). Score models are
+``score(x)``, ``score(x, sigma [B])`` (NCSN) or ``score(x, t [B])`` (SDE); an energy model fits
+through :func:`minisgm.ebm.energy_score_fn`. Book: :ref:`sec-score-matching`.
 """
 
 from __future__ import annotations
@@ -60,10 +59,8 @@ def _check_sigma(sigma, x: Tensor) -> Tensor:
 
 
 # ----- score matching (:ref:`sec-score-matching`) -----------------------------------------
-def esm_loss(
-    score_fn: Callable[[Tensor], Tensor], x: Tensor, target_score: Tensor | Callable[[Tensor], Tensor],
-    reduction: str = "mean",
-) -> Tensor:
+def esm_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor,
+             target_score: Tensor | Callable[[Tensor], Tensor], reduction: str = "mean") -> Tensor:
     """Explicit score matching ``1/2 E || s(x) - grad log p(x) ||^2`` (needs the true score).
 
     Hyvarinen (2005), eq. (2). ``target_score``: a tensor shaped like ``x [B, ...]`` or a callable
@@ -110,10 +107,9 @@ def _projections(shape, kind: str, generator, device, dtype) -> Tensor:
     raise ValueError(f"unknown projection {kind!r}; expected 'gaussian' or 'rademacher'")
 
 
-def ssm_loss(
-    score_fn: Callable[[Tensor], Tensor], x: Tensor, n_projections: int = 1, variance_reduction: bool = False,
-    projection: str = "gaussian", generator: Optional[torch.Generator] = None, reduction: str = "mean",
-) -> Tensor:
+def ssm_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, n_projections: int = 1,
+             variance_reduction: bool = False, projection: str = "gaussian",
+             generator: Optional[torch.Generator] = None, reduction: str = "mean") -> Tensor:
     """Sliced score matching ``E_x E_v [ v^T grad_x s(x) v + 1/2 (v^T s(x))^2 ]``.
 
     Song, Garg, Shi & Ermon (2019), sec. 3. ``variance_reduction=True`` takes the second term's
@@ -141,10 +137,8 @@ def ssm_loss(
     return _reduce(per_sample, reduction)
 
 
-def dsm_loss(
-    score_fn: Callable[[Tensor], Tensor], x: Tensor, sigma: float | Tensor,
-    generator: Optional[torch.Generator] = None, reduction: str = "mean",
-) -> Tensor:
+def dsm_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, sigma: float | Tensor,
+             generator: Optional[torch.Generator] = None, reduction: str = "mean") -> Tensor:
     """Denoising score matching ``1/2 E || s(x + sigma z) + z / sigma ||^2``, ``z ~ N(0, I)``.
 
     Vincent (2011). Minimised by the score of the noised law ``q_sigma = p * N(0, sigma^2 I)``, not
@@ -159,10 +153,8 @@ def dsm_loss(
 
 
 # ----- noise-conditional score networks -----------------------------------------------
-def ncsn_loss(
-    score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Sequence[float] | Tensor,
-    generator: Optional[torch.Generator] = None, reduction: str = "mean",
-) -> Tensor:
+def ncsn_loss(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Sequence[float] | Tensor,
+              generator: Optional[torch.Generator] = None, reduction: str = "mean") -> Tensor:
     """NCSN objective ``1/L sum_i sigma_i^2 * 1/2 E|| s(x~, sigma_i) + z/sigma_i ||^2``.
 
     Song & Ermon (2019), eqs. (5)-(6) with ``lambda(sigma) = sigma^2``, one uniformly drawn level per
@@ -223,11 +215,9 @@ def importance_sample_time(
     return t.clamp(eps, sde.T).to(dtype), density.to(dtype)
 
 
-def sde_loss(
-    score_fn: Callable[[Tensor, Tensor], Tensor], sde: SDE, x: Tensor, eps: Optional[float] = None,
-    likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None, reduction: str = "mean",
-    importance_sampling: bool = False,
-) -> Tensor:
+def sde_loss(score_fn: Callable[[Tensor, Tensor], Tensor], sde: SDE, x: Tensor, eps: Optional[float] = None,
+             likelihood_weighting: bool = False, generator: Optional[torch.Generator] = None,
+             reduction: str = "mean", importance_sampling: bool = False) -> Tensor:
     """Continuous-time DSM ``E_t omega(t) * 1/2 E|| s_theta(x_t, t) + z / sigma_t ||^2``, ``t ~ U[eps, T]``.
 
     Song et al. (2021), eq. (7). Default ``omega(t) = sigma_t^2``, as ``1/2 || sigma_t s_theta + z ||^2``;
@@ -264,10 +254,8 @@ def sde_loss(
 
 
 # ----- flow matching ------------------------------------------------------------------
-def flow_matching_loss(
-    velocity_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, T: float = 1.0,
-    generator: Optional[torch.Generator] = None, reduction: str = "mean",
-) -> Tensor:
+def flow_matching_loss(velocity_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, T: float = 1.0,
+                       generator: Optional[torch.Generator] = None, reduction: str = "mean") -> Tensor:
     """Conditional flow matching ``E_{t, x_0, z} || v(x_t, t) - (z - x_0) ||^2``, ``x_t = (1 - t) x_0 + t z``.
 
     ``t ~ U[0, T]``, ``z ~ N(0, I)``; no factor 1/2. The minimiser ``E[z - x_0 | x_t]`` is the

@@ -1,13 +1,11 @@
 """Forward SDEs ``dx = f(x, t) dt + g(t) dw``, ``t in [0, T]``: VE, VP, sub-VP and rectified flow.
 
-Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR (arXiv:2011.13456), eqs. (5)-(6), (9), (11),
-(13), (29)-(34). Book: :ref:`sec-sde-forward`, notation :ref:`sec-notation`. The drift is
-linear, so ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` (:meth:`SDE.marginal_coeffs`) and the
-transition, reverse drift and probability-flow ODE follow generically.
-
-Shapes: ``x`` is ``[B, ...]``, ``t`` is ``[B]`` (a number or 0-d tensor is broadcast); SDE
-scalars come back as ``[B]``. A tensor ``t`` is range-checked only in debug mode (:mod:`minisgm.checks`).
+Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations",
+ICLR (arXiv:2011.13456), eqs. (5)-(6), (9), (11), (13), (29)-(34). Book: :ref:`sec-sde-forward`,
+notation :ref:`sec-notation`. The drift is linear, so ``p(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)``
+(:meth:`SDE.marginal_coeffs`); the transition, reverse drift and probability-flow ODE follow generically.
+Shapes: ``x [B, ...]``, ``t [B]`` (a number or 0-d tensor is broadcast), SDE scalars ``[B]``; a
+tensor ``t`` is range-checked only in debug mode (:mod:`minisgm.checks`).
 """
 
 from __future__ import annotations
@@ -106,27 +104,23 @@ class SDE:
         alpha, sigma = self.marginal_coeffs(t)
         return expand(alpha, x0) * x0, sigma
 
-    def perturb(
-        self, x0: Tensor, t: Tensor | float, generator: Optional[torch.Generator] = None
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    def perturb(self, x0: Tensor, t: Tensor | float,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Draw ``x_t = alpha_t x0 + sigma_t z``; returns ``(x_t, z, sigma_t)``."""
         mean, sigma = self.marginal(x0, t)
         z = randn_like(x0, generator)
         return mean + expand(sigma, x0) * z, z, sigma
 
-    def sample_time(
-        self, batch_size: int, eps: Optional[float] = None, generator: Optional[torch.Generator] = None,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
+    def sample_time(self, batch_size: int, eps: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Times ``t ~ U[eps, T]``, shape ``[batch_size]`` (the training distribution of t)."""
         eps = self.eps if eps is None else check_number("eps", eps, 0.0, self.T, hi_open=True)
         u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
         return eps + (self.T - eps) * u
 
-    def prior_sample(
-        self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
+    def prior_sample(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Draw ``x_T ~ N(0, prior_std^2 I)`` of the given shape ``[B, ...]``."""
         z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
         return self.prior_std() * z

@@ -29,17 +29,9 @@ class TimeConditionedClassifier(nn.Module):
     linear head. ``t`` enters through the score networks' ``TimeEmbedding`` (``cond="t"`` or ``"sigma"``).
     """
 
-    def __init__(
-        self,
-        in_shape: Union[int, Sequence[int]],
-        num_classes: int,
-        hidden: int = 128,
-        n_layers: int = 3,
-        base_channels: int = 32,
-        embed_dim: int = 64,
-        embedding: str = "fourier",
-        cond: str = "t",
-    ):
+    def __init__(self, in_shape: Union[int, Sequence[int]], num_classes: int, hidden: int = 128,
+                 n_layers: int = 3, base_channels: int = 32, embed_dim: int = 64, embedding: str = "fourier",
+                 cond: str = "t"):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, 2)
         is_int = isinstance(in_shape, int) and not isinstance(in_shape, bool)

@@ -123,11 +123,10 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
+        c = t
         if self.cond == "sigma":
             check_values(lambda: (t > 0).all(), lambda: "sigma must be positive (the network embeds log sigma)")
             c = torch.log(t)
-        else:
-            c = t
         return self.mlp(self.features(c * self.input_scale))
 
 

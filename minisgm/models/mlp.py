@@ -62,17 +62,9 @@ class ScoreMLP(nn.Module):
     With ``num_classes``, ``y=None`` or ``y == num_classes`` is the null class (Ho & Salimans 2022).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int = 128,
-        n_layers: int = 3,
-        embed_dim: int = 64,
-        embedding: str = "fourier",
-        marginal_std: Optional[Callable[[Tensor], Tensor]] = None,
-        cond: str = "t",
-        num_classes: Optional[int] = None,
-    ):
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, embed_dim: int = 64,
+                 embedding: str = "fourier", marginal_std: Optional[Callable[[Tensor], Tensor]] = None,
+                 cond: str = "t", num_classes: Optional[int] = None):
         super().__init__()
         self.dim = check_int("dim", dim)
         check_int("hidden", hidden)

@@ -351,8 +351,7 @@ def ddpm_sinusoidal_embedding(s: Tensor, dim: int, max_period: float = 10000.0) 
     the published models.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) / (half - 1)
-                      * torch.arange(half, dtype=s.dtype, device=s.device))
+    freqs = torch.exp(-math.log(max_period) / (half - 1) * torch.arange(half, dtype=s.dtype, device=s.device))
     arg = s[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -395,9 +394,8 @@ class ResnetBlockBigGAN(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float = 0.1,
-                 skip_rescale: bool = True, init_scale: float = 0.0, up: bool = False,
-                 down: bool = False, fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1),
-                 conv_size: int = 3):
+                 skip_rescale: bool = True, init_scale: float = 0.0, up: bool = False, down: bool = False,
+                 fir: bool = False, fir_kernel: Sequence[int] = (1, 3, 3, 1), conv_size: int = 3):
         super().__init__()
         if up and down:
             raise ValueError("a block cannot both upsample and downsample")
@@ -430,17 +428,18 @@ class ResnetBlockBigGAN(nn.Module):
         return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
-class ResnetBlockDDPM(nn.Module):
+class ResnetBlockDDPM(ResnetBlockBigGAN):
     """DDPM residual block (Ho et al. 2020) with optional sqrt(2) skip rescaling.
 
-    As :class:`ResnetBlockBigGAN` without resampling; a channel change uses a 1x1 conv shortcut.
+    As :class:`ResnetBlockBigGAN` without resampling (its ``forward``); a channel change uses a 1x1
+    conv shortcut initialised with scale 0.1.
     """
 
     def __init__(self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float = 0.1,
                  skip_rescale: bool = True, init_scale: float = 0.0, conv_size: int = 3):
-        super().__init__()
+        nn.Module.__init__(self)  # not ResnetBlockBigGAN's: its layers and initialisation differ
         out_ch = in_ch if out_ch is None else out_ch
-        self.skip_rescale = skip_rescale
+        self.up, self.down, self.skip_rescale = False, False, skip_rescale
         self.norm0 = _group_norm(in_ch)
         self.conv0 = _conv(in_ch, out_ch, conv_size)
         self.temb_proj = _linear(temb_dim, out_ch)
@@ -448,13 +447,6 @@ class ResnetBlockDDPM(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv(out_ch, out_ch, conv_size, init_scale=init_scale)
         self.skip = _conv(in_ch, out_ch, 1, init_scale=0.1) if in_ch != out_ch else None
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv0(F.silu(self.norm0(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
-        if self.skip is not None:
-            x = self.skip(x)
-        return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
 class _Combine(nn.Module):
@@ -612,8 +604,6 @@ class NCSNpp(nn.Module):
         assert not skip_channels
         return in_ch
 
-    # ------------------------------------------------------------------------------------------
-
     def noise_label(self, t: Tensor, std: Tensor) -> Tensor:
         """The scalar the network is conditioned on: log s(t) (fourier) or 999 t (positional)."""
         return torch.log(std) if self.config.embedding_type == "fourier" else 999.0 * t
@@ -668,8 +658,7 @@ class NCSNpp(nn.Module):
                     out_pyramid = level.pyramid_conv(F.silu(level.pyramid_norm(h)))
                 else:
                     out_pyramid = level.pyramid(out_pyramid)
-                    out_pyramid = ((out_pyramid + h) / _SQRT2 if c.skip_rescale
-                                   else out_pyramid + h)
+                    out_pyramid = (out_pyramid + h) / _SQRT2 if c.skip_rescale else out_pyramid + h
                     h = out_pyramid
             if level.resample is not None:
                 h = level.resample(h, temb)
@@ -678,8 +667,7 @@ class NCSNpp(nn.Module):
             return out_pyramid
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def forward(self, x: Tensor, t: Union[Tensor, float],
-                class_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Union[Tensor, float], class_labels: Optional[Tensor] = None) -> Tensor:
         """The score ``grad_x log p_t(x)`` (Song et al. 2021, eq. 7), shaped and typed like ``x``.
 
         ``t``: ``[B]`` times in [0, 1] (a scalar is broadcast) with s(t) > 0; ``class_labels``:
@@ -694,8 +682,7 @@ class NCSNpp(nn.Module):
         if not torch.is_tensor(x):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         t = batch_time(t, x)
-        std = self.marginal_std(t)
-        std = check_marginal_std(std, x.shape[0])
+        std = check_marginal_std(self.marginal_std(t), x.shape[0])
         out = self.network(x, self.noise_label(t, std), class_labels).to(x.dtype)
         std = std.to(x.dtype).view(-1, 1, 1, 1)
         return out / std if self.config.scale_by_sigma else -out / std

@@ -13,14 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import (
-    ClassEmbedding,
-    TimeEmbedding,
-    batch_condition,
-    check_marginal_std,
-    condition_embedding,
-    dot_product_attention,
-)
+from .embeddings import (ClassEmbedding, TimeEmbedding, batch_condition, check_marginal_std,
+                         condition_embedding, dot_product_attention)
 
 __all__ = ["SmallUNet", "ResBlock", "AttentionBlock"]
 
@@ -84,20 +78,10 @@ class SmallUNet(nn.Module):
     :class:`~minisgm.models.mlp.ScoreMLP`, except that ``embedding`` defaults to "sinusoidal".
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        base_channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
-        num_res_blocks: int = 1,
-        embed_dim: int = 64,
-        num_classes: Optional[int] = None,
-        dropout: float = 0.0,
-        marginal_std: Optional[Callable[[Tensor], Tensor]] = None,
-        attention: bool = True,
-        embedding: str = "sinusoidal",
-        cond: str = "t",
-    ):
+    def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2),
+                 num_res_blocks: int = 1, embed_dim: int = 64, num_classes: Optional[int] = None,
+                 dropout: float = 0.0, marginal_std: Optional[Callable[[Tensor], Tensor]] = None,
+                 attention: bool = True, embedding: str = "sinusoidal", cond: str = "t"):
         super().__init__()
         for name, value in [("in_channels", in_channels), ("base_channels", base_channels), ("num_res_blocks", num_res_blocks)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
