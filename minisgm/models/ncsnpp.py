@@ -428,18 +428,17 @@ class ResnetBlockBigGAN(nn.Module):
         return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
-class ResnetBlockDDPM(ResnetBlockBigGAN):
+class ResnetBlockDDPM(nn.Module):
     """DDPM residual block (Ho et al. 2020) with optional sqrt(2) skip rescaling.
 
-    As :class:`ResnetBlockBigGAN` without resampling (its ``forward``); a channel change uses a 1x1
-    conv shortcut initialised with scale 0.1.
+    As :class:`ResnetBlockBigGAN` without resampling; a channel change uses a 1x1 conv shortcut.
     """
 
     def __init__(self, in_ch: int, out_ch: Optional[int], temb_dim: int, dropout: float = 0.1,
                  skip_rescale: bool = True, init_scale: float = 0.0, conv_size: int = 3):
-        nn.Module.__init__(self)  # not ResnetBlockBigGAN's: its layers and initialisation differ
+        super().__init__()
         out_ch = in_ch if out_ch is None else out_ch
-        self.up, self.down, self.skip_rescale = False, False, skip_rescale
+        self.skip_rescale = skip_rescale
         self.norm0 = _group_norm(in_ch)
         self.conv0 = _conv(in_ch, out_ch, conv_size)
         self.temb_proj = _linear(temb_dim, out_ch)
@@ -447,6 +446,13 @@ class ResnetBlockDDPM(ResnetBlockBigGAN):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv(out_ch, out_ch, conv_size, init_scale=init_scale)
         self.skip = _conv(in_ch, out_ch, 1, init_scale=0.1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv0(F.silu(self.norm0(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
 class _Combine(nn.Module):
