@@ -1,15 +1,12 @@
 """Evaluate a trained run: ``python -m minisgm.evaluate --ckpt RUN_DIR --metric bpd|fid|digits_fd``.
 
-* ``bpd``: bits/dim of held-out data under the probability-flow ODE likelihood
-  (:func:`minisgm.likelihood.bits_per_dim`; Song et al. 2021, sec. 4.3): the digits' test split
-  (unseen in training with ``data.holdout``), CIFAR-10's test batch, your own training images.
-* ``fid``: FID of ``--n`` samples against the training set's Inception statistics
-  (:mod:`minisgm.fid`; cached in ``~/.cache/minisgm``).
-* ``digits_fd``: the Frechet distance in a small digit classifier's features
-  (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the test digits,
-  next to that of ``n`` real training digits (the floor a perfect model would reach).
-
-Each result is printed as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
+``bpd``: bits/dim of held-out data under the probability-flow ODE (:func:`minisgm.likelihood.bits_per_dim`;
+Song et al. 2021, sec. 4.3): the digits' test split (unseen with ``data.holdout``), CIFAR-10's test batch,
+your own training images. ``fid``: FID of ``--n`` samples against the training set's Inception statistics
+(:mod:`minisgm.fid`; cached in ``~/.cache/minisgm``). ``digits_fd``: the Frechet distance in a digit
+classifier's features (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the
+test digits, next to that of ``n`` real training digits (a perfect model's floor). Each result is printed
+as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -24,18 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .build import (
-    SAMPLERS,
-    _progress_bar,
-    data_path,
-    dataset_info,
-    generate,
-    load_images,
-    n_classes_of,
-    open_run,
-    score_fn_of,
-    to_unit_range,
-)
+from .build import (SAMPLERS, _progress_bar, data_path, dataset_info, generate, load_images, n_classes_of,
+                    open_run, score_fn_of, to_unit_range)
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .samplers import NonFiniteSampleError
