@@ -1,16 +1,11 @@
 """Train a score model: ``python -m minisgm.train [--preset NAME] [--train.lr 1e-4 ...]``.
 
-One loop serves the 2-D toys, the 8x8 digits, CIFAR-10 and your own images: the continuous-time
-DSM loss of Song et al. (2021), eq. (7) (:func:`minisgm.score_matching.sde_loss`), with Adam,
-linear warm-up, gradient clipping and an EMA of the weights (app. H). ``benchmarks/train_throughput.py``
-times this same step (:func:`train_step`).
-
-Each step splits its global batch into ``world_size x grad_accum`` shards, and the data order and
-noise of shard ``k`` at step ``s`` come from a generator seeded with ``(seed, s, k)``: a run killed
-and resumed ends with the same weights (on GPU with ``--train.deterministic``), and ``n`` ranks of
-``torchrun`` compute the same update as one process with ``grad_accum = n``. The run folder
-(``runs/<preset>-<timestamp>`` unless ``--run-dir``; one process at a time) holds ``config.json``,
-``checkpoint.pt`` (and ``checkpoint.prev.pt``), ``history.jsonl``, ``metrics.jsonl`` and
+One loop for toys, digits, CIFAR-10 and your images: the DSM loss of Song et al. (2021), eq. (7)
+(:func:`minisgm.score_matching.sde_loss`), Adam, warm-up, clipping, EMA (app. H). Shard ``k`` of
+step ``s`` draws data and noise from a generator seeded by ``(seed, s, k)``: a resumed run ends with
+the same weights (on GPU with ``--train.deterministic``), and ``n`` torchrun ranks make the update
+of ``grad_accum = n``. The run folder (default ``runs/<preset>-<timestamp>``; one process at a time)
+holds ``config.json``, ``checkpoint.pt`` (+ ``.prev.pt``), ``history.jsonl``, ``metrics.jsonl``,
 ``samples/``. Book: :ref:`sec-scaling-up`.
 """
 
@@ -37,20 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .build import TrainingData, _mix, build_data, build_model, build_sde, configure_threads, generate, score_fn_of, to_unit_range
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    RunFolderBusy,
-    find_checkpoint,
-    get_rng_state,
-    load_checkpoint,
-    load_state_dict_checked,
-    lock_run_folder,
-    previous_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, RunFolderBusy, find_checkpoint, get_rng_state,
+                         load_checkpoint, load_state_dict_checked, lock_run_folder, previous_checkpoint,
+                         remove_stale_temporaries, save_checkpoint, set_rng_state)
 from .config import (PRESETS, Config, ConfigError, _leaves, apply_overrides, config_from_dict, config_to_dict,
                      describe, get_preset, parse_overrides, validate)
 from .images import save_grid, save_scatter
@@ -216,8 +200,6 @@ class StopSignals:
 
     def requested(self) -> int:
         """The signal number every rank agrees to stop for (0: none)."""
-        if not self.d.enabled:
-            return self.signum
         flag = _all_reduce(torch.tensor([self.signum]), self.d, "max", group=self.d.flags)
         return int(flag[0])  # a host tensor: no device sync
 
