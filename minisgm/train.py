@@ -200,6 +200,8 @@ class StopSignals:
 
     def requested(self) -> int:
         """The signal number every rank agrees to stop for (0: none)."""
+        if not self.d.enabled:
+            return self.signum
         flag = _all_reduce(torch.tensor([self.signum]), self.d, "max", group=self.d.flags)
         return int(flag[0])  # a host tensor: no device sync
 
