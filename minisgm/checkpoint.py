@@ -44,16 +44,6 @@ class RunFolderBusy(RuntimeError):
     """Another process is training in the same run folder."""
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename itself lives in the directory entry: sync it too, or a power cut may forget it.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _digest(obj: Any, h=None) -> str:
     """SHA-256 of a checkpoint's content: keys, plain values and every tensor's dtype, shape and bytes."""
     h = hashlib.sha256() if h is None else h
@@ -112,7 +102,12 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike, keep_previous: bool =
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # the rename lives in the directory entry: sync it too (power cuts)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
 
 
