@@ -33,18 +33,6 @@ METRICS = ("bpd", "fid", "digits_fd")
 Progress = Optional[Callable[[int], None]]
 
 
-def _held_out(cfg, n: int):
-    """Integer images ``[n, C, H, W]`` not trained on (digits, CIFAR-10) and the number of levels."""
-    info = dataset_info(cfg.data)
-    if not info.images:
-        raise ValueError(f"bits/dim needs image data, this run trained on {cfg.data.dataset!r}")
-    try:
-        images, _ = load_images(cfg.data, train=cfg.data.dataset in ("folder", "npz"))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}\nGive this run's data with --data-path.") from None
-    return images[:n].long(), info.levels
-
-
 def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson: Optional[str] = None,
                  rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
     """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them);
@@ -53,15 +41,22 @@ def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson:
 
     if cfg.data.class_conditional:
         raise ValueError("bits/dim of a class-conditional run is not defined here (it needs p(x) = sum_y p(x|y) p(y))")
-    x_int, n_levels = _held_out(cfg, n if n > 0 else 10**9)
+    info = dataset_info(cfg.data)
+    if not info.images:
+        raise ValueError(f"bits/dim needs image data, this run trained on {cfg.data.dataset!r}")
+    try:  # images not trained on (digits, CIFAR-10); folders and .npz files have no test split
+        images, _ = load_images(cfg.data, train=cfg.data.dataset in ("folder", "npz"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}\nGive this run's data with --data-path.") from None
+    x_int = images[: n if n > 0 else None].long()
     # The model saw u in [0, 1] (centered: 2u - 1); bits_per_dim maps u -> scale u + shift.
     scale, shift = (2.0, -1.0) if cfg.data.centered else (1.0, 0.0)
     g = torch.Generator(device).manual_seed(seed)
     fn = score_fn_of(model)
     bpds, nfes = [], []
     for i in range(0, x_int.shape[0], batch_size):
-        b, nfe = bits_per_dim(fn, sde, x_int[i : i + batch_size].to(device), n_levels, scale=scale, shift=shift,
-                              generator=g, rtol=rtol, atol=atol, hutchinson=hutchinson)
+        b, nfe = bits_per_dim(fn, sde, x_int[i : i + batch_size].to(device), info.levels, scale=scale,
+                              shift=shift, generator=g, rtol=rtol, atol=atol, hutchinson=hutchinson)
         bpds.append(b.detach().cpu().double())
         nfes.append(nfe)
         if progress is not None:
