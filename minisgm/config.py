@@ -183,8 +183,7 @@ def digits_ve() -> Config:
     """8x8 digits, SmallUNet, VE SDE (sigma_max 50 as in score-SDE; data uncentred in [0, 1])."""
     c = digits_vp()
     c.preset = "digits_ve"
-    # sigma_max well above the largest pairwise distance of the data (NCSNv2 technique 1:
-    # ~ 7 for 8x8 digits in [0,1]); 50 keeps the paper's value and still trains fine.
+    # sigma_max >> the largest pairwise distance (NCSNv2 technique 1: ~7 for digits in [0, 1]); the paper's 50
     c.sde = SDEConfig(kind="ve", sigma_min=0.01, sigma_max=50.0)
     c.data.centered = False
     c.sample.sampler = "pc"
@@ -554,22 +553,11 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return d
 
 
-def _model_config_class(name: Any):
-    if name == "ModelConfig":
-        return ModelConfig
-    if name == "NCSNppConfig":
-        from .models.ncsnpp import NCSNppConfig
-
-        return NCSNppConfig
-    raise ConfigError(f"unknown model config class {name!r} (expected ModelConfig or NCSNppConfig)")
-
-
 def _from_dict(cls, d: Any, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
     # A field added after the file was written keeps its default.
@@ -585,7 +573,13 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
     d = dict(d)
-    model_cls = _model_config_class(d.pop("model_class", "ModelConfig"))
+    name = d.pop("model_class", "ModelConfig")
+    if name == "NCSNppConfig":
+        from .models.ncsnpp import NCSNppConfig as model_cls
+    elif name == "ModelConfig":
+        model_cls = ModelConfig
+    else:
+        raise ConfigError(f"unknown model config class {name!r} (expected ModelConfig or NCSNppConfig)")
     preset = d.get("preset", "custom")
     if not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {preset!r}")
@@ -596,9 +590,8 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
 
 def describe(cfg: Config) -> str:
     """Every override key with its type, current value and help text (``--help-config``)."""
-    helps: Dict[str, str] = {}
-    for section in ("model", "sde", "data", "train", "sample"):
-        helps.update({f"{section}.{k}": v for k, v in field_help(type(getattr(cfg, section))).items()})
+    helps = {f"{section}.{k}": v for section in ("model", "sde", "data", "train", "sample")
+             for k, v in field_help(type(getattr(cfg, section))).items()}
     lines = [f"Options of preset {cfg.preset} (override any with --key value):", ""]
     for key, obj, name, tp in _leaves(cfg):
         if key == "preset":
