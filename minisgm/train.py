@@ -163,14 +163,6 @@ def _all_reduce(t: Tensor, d: Dist, op: str = "sum", group=None) -> Tensor:
     return t
 
 
-def _broadcast_str(s: str, d: Dist) -> str:
-    if not d.enabled:
-        return s
-    obj = [s]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 class StopSignals:
     """SIGINT and SIGTERM set a flag; the loop stops at the next step boundary, after a checkpoint.
 
@@ -480,7 +472,10 @@ def train(cfg: Config, run_dir: Optional[os.PathLike] = None, resume: bool = Tru
         torch.backends.cudnn.allow_tf32 = True
     if run_dir is None:
         run_dir = str(Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(_broadcast_str(str(run_dir), d))
+    obj = [str(run_dir)]
+    if d.enabled:  # all ranks use rank 0's folder (and timestamp)
+        dist.broadcast_object_list(obj, src=0)
+    run_dir = Path(obj[0])
     lock = _open_run_folder(run_dir) if d.is_main else None
     try:
         s = _build_state(cfg, d, run_dir)
