@@ -217,11 +217,9 @@ def _cifar10(preset: str, model_preset: str, sde_kind: str) -> Config:
         sde=SDEConfig(kind=sde_kind, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0, exact_variance=not ve),
         # score-SDE: VE models see data in [0, 1], VP/sub-VP models see [-1, 1]; random flips.
         data=DataConfig(dataset="cifar10", path="data/cifar10", centered=not ve, random_flip=True),
-        train=TrainConfig(
-            n_steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
-            ema_rate=0.999 if ve else 0.9999, mixed_precision=True, channels_last=True,
-            log_every=100, sample_every=10_000, ckpt_every=5000, keep_snapshots=True,
-        ),
+        train=TrainConfig(n_steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
+                          ema_rate=0.999 if ve else 0.9999, mixed_precision=True, channels_last=True,
+                          log_every=100, sample_every=10_000, ckpt_every=5000, keep_snapshots=True),
         sample=SampleConfig(sampler="pc" if ve else "em", n_steps=1000, n_samples=64),
     )
 
@@ -294,12 +292,8 @@ def _hints(obj_or_cls) -> Dict[str, Any]:
 
 def field_help(cls) -> Dict[str, str]:
     """``{field: the comment after it in the class source}``: the help text of each field."""
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
+    matches = (re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in matches if m}
 
 
 def _leaves(cfg: Config):
