@@ -3,9 +3,8 @@ function and samples; the command lines are thin layers on top, and imports run 
 
     {data, models, sde, samplers, config, checkpoint}  <-  build  <-  {train, sample, evaluate, convert}
 
-Each data set is described once, in :func:`dataset_info` and :func:`load_images`; images in
-``[0, 1]`` map to the model's space with :func:`to_model_space` / :func:`to_unit_range`; the
-config's sampler names map to :mod:`minisgm.samplers` in :data:`SAMPLERS`. Book: :ref:`sec-scaling-up`.
+Data sets are described once (:func:`dataset_info`, :func:`load_images`); :func:`to_model_space` /
+:func:`to_unit_range` map ``[0, 1]`` images to the model's space and back. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -174,8 +173,7 @@ class TrainingData:
         return self._perm
 
     def indices(self, step: int, batch_size: int) -> Tensor:
-        """Dataset indices ``[batch_size]`` of the global batch of ``step`` (Python arithmetic:
-        no tensor is read back)."""
+        """Dataset indices ``[batch_size]`` of the global batch of ``step`` (no tensor is read back)."""
         n, start = len(self), step * batch_size
         parts, pos = [], start
         while pos < start + batch_size:  # the batch may straddle an epoch boundary
@@ -338,11 +336,6 @@ SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
 (all with the shared signature ``f(score_fn, sde, shape, n_steps, **options) -> (x, nfe)``)."""
 
 
-def sampler_options(name: str, sample_cfg) -> Dict[str, object]:
-    """The options of sampler ``name`` that the config sets (the PC corrector's ``snr``)."""
-    return {"snr": sample_cfg.snr} if name == "pc" else {}
-
-
 @torch.no_grad()
 def generate(model: nn.Module, cfg: Config, sde: sde_lib.SDE, n: int, *, sampler: Optional[str] = None,
              n_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -351,16 +344,15 @@ def generate(model: nn.Module, cfg: Config, sde: sde_lib.SDE, n: int, *, sampler
              callback: Optional[Callable[[int, float, Tensor], None]] = None, **options) -> Tuple[Tensor, int]:
     """``n`` samples ``[n, *shape]`` in the model's space and their total NFE.
 
-    ``sampler`` and ``n_steps`` default to the run's ``sample`` config; ``batch_size`` 0 draws all
-    at once; ``y`` (``[n]`` labels) is for class-conditional models. ``progress(1)`` and the
-    samplers' ``callback(i, t, x)`` are called after each sampler step (no host sync); ``options``
-    go to the sampler.
+    ``sampler`` and ``n_steps`` default to the run's ``sample`` config; ``batch_size`` 0 draws all at
+    once; ``y`` (``[n]`` labels) is for class-conditional models; ``options`` go to the sampler.
+    ``progress(1)`` and the samplers' ``callback(i, t, x)`` are called after each step (no host sync).
     """
     sampler = sampler or cfg.sample.sampler
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     n_steps = n_steps or cfg.sample.n_steps
-    options = {**sampler_options(sampler, cfg.sample), **options}
+    options = {**({"snr": cfg.sample.snr} if sampler == "pc" else {}), **options}  # the config's PC snr
     shape = dataset_info(cfg.data).shape
     bs = n if batch_size <= 0 else min(batch_size, n)
     was_training = model.training

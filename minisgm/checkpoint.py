@@ -1,15 +1,14 @@
 """Checkpoints: plain ``state_dict``s plus the config, written atomically, verified, loaded safely.
 
-A checkpoint holds tensors and plain containers only, so that it loads with
-``torch.load(..., weights_only=True)`` (no pickled code is ever executed)::
+Tensors and plain containers only, so ``torch.load(..., weights_only=True)`` runs no pickled code::
 
-    {"format": "minisgm-checkpoint", "version": 2, "step": int, "config": {...},
-     "model": state_dict, "ema": state_dict, "optimizer": state_dict, "rng": {...},
-     "world_size": int, "sha256": hex digest of everything else}
+    {"format": "minisgm-checkpoint", "version": 2, "step": int, "config": {...}, "model": state_dict,
+     "ema": state_dict, "optimizer": state_dict, "rng": {...}, "world_size": int,
+     "sha256": hex digest of everything else}
 
-A write leaves either the old file or the new one, never a torn file, and keeps the one it
-replaces as ``<name>.prev.pt``; every load checks the digest. A run folder is used by one
-training process at a time (:func:`lock_run_folder`). Book: :ref:`sec-scaling-up`.
+A write leaves the old file or the new one, never a torn file, and keeps the replaced one as
+``<name>.prev.pt``; every load checks the digest. One training process per run folder
+(:func:`lock_run_folder`). Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -43,16 +42,6 @@ class CheckpointError(RuntimeError):
 
 class RunFolderBusy(RuntimeError):
     """Another process is training in the same run folder."""
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename itself lives in the directory entry: sync it too, or a power cut may forget it.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _digest(obj: Any, h=None) -> str:
@@ -113,7 +102,12 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike, keep_previous: bool =
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # the rename lives in the directory entry: sync it too (power cuts)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
 
 
@@ -156,10 +150,8 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "weights only load failed" in str(err).lower() and "unsupported global" in str(err).lower():
-            raise CheckpointError(
-                f"refusing {p}: it holds pickled objects other than tensors and plain containers "
-                "(not written by minisgm; loading it could run code)"
-            ) from None
+            raise CheckpointError(f"refusing {p}: it holds pickled objects other than tensors and plain "
+                                  "containers (not written by minisgm; loading it could run code)") from None
         raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or corrupt ({msg}){_fallback(p)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a minisgm checkpoint (no format={FORMAT!r} entry)")
@@ -182,8 +174,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
 def _fallback(p: Path) -> str:
     prev = previous_checkpoint(p)
     if p.name == CHECKPOINT_NAME and prev.is_file():
-        return (f". The previous checkpoint {prev} is kept: to resume from it, "
-                f"`mv {prev} {p}`")
+        return f". The previous checkpoint {prev} is kept: to resume from it, `mv {prev} {p}`"
     return ""
 
 
@@ -214,10 +205,8 @@ def lock_run_folder(folder: PathLike):
 def get_rng_state() -> Dict[str, Any]:
     """The states of the global torch generators (CPU and every CUDA device) as byte tensors: they
     drive dropout; all other draws come from generators seeded by ``(seed, step, shard)``."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-    }
+    return {"torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -247,8 +236,6 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: Dict[str, torch
         ("missing", missing, ", "), ("unexpected", extra, ", "),
         ("with another shape", shapes, "; "), ("with another dtype", dtypes, "; ")) if bad]
     if parts:
-        raise CheckpointError(
-            f"the checkpoint's {what} weights do not fit this model: {'; '.join(parts)}. "
-            "Was it written with another preset or model config?"
-        )
+        raise CheckpointError(f"the checkpoint's {what} weights do not fit this model: {'; '.join(parts)}. "
+                              "Was it written with another preset or model config?")
     module.load_state_dict(state_dict, strict=True)

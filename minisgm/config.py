@@ -183,8 +183,7 @@ def digits_ve() -> Config:
     """8x8 digits, SmallUNet, VE SDE (sigma_max 50 as in score-SDE; data uncentred in [0, 1])."""
     c = digits_vp()
     c.preset = "digits_ve"
-    # sigma_max well above the largest pairwise distance of the data (NCSNv2 technique 1:
-    # ~ 7 for 8x8 digits in [0,1]); 50 keeps the paper's value and still trains fine.
+    # sigma_max >> the largest pairwise distance (NCSNv2 technique 1: ~7 for digits in [0, 1]); the paper's 50
     c.sde = SDEConfig(kind="ve", sigma_min=0.01, sigma_max=50.0)
     c.data.centered = False
     c.sample.sampler = "pc"
@@ -218,11 +217,9 @@ def _cifar10(preset: str, model_preset: str, sde_kind: str) -> Config:
         sde=SDEConfig(kind=sde_kind, sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0, exact_variance=not ve),
         # score-SDE: VE models see data in [0, 1], VP/sub-VP models see [-1, 1]; random flips.
         data=DataConfig(dataset="cifar10", path="data/cifar10", centered=not ve, random_flip=True),
-        train=TrainConfig(
-            n_steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
-            ema_rate=0.999 if ve else 0.9999, mixed_precision=True, channels_last=True,
-            log_every=100, sample_every=10_000, ckpt_every=5000, keep_snapshots=True,
-        ),
+        train=TrainConfig(n_steps=1_300_000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0,
+                          ema_rate=0.999 if ve else 0.9999, mixed_precision=True, channels_last=True,
+                          log_every=100, sample_every=10_000, ckpt_every=5000, keep_snapshots=True),
         sample=SampleConfig(sampler="pc" if ve else "em", n_steps=1000, n_samples=64),
     )
 
@@ -295,12 +292,8 @@ def _hints(obj_or_cls) -> Dict[str, Any]:
 
 def field_help(cls) -> Dict[str, str]:
     """``{field: the comment after it in the class source}``: the help text of each field."""
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
+    matches = (re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in matches if m}
 
 
 def _leaves(cfg: Config):
@@ -554,22 +547,11 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return d
 
 
-def _model_config_class(name: Any):
-    if name == "ModelConfig":
-        return ModelConfig
-    if name == "NCSNppConfig":
-        from .models.ncsnpp import NCSNppConfig
-
-        return NCSNppConfig
-    raise ConfigError(f"unknown model config class {name!r} (expected ModelConfig or NCSNppConfig)")
-
-
 def _from_dict(cls, d: Any, where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
     # A field added after the file was written keeps its default.
@@ -585,7 +567,13 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
     d = dict(d)
-    model_cls = _model_config_class(d.pop("model_class", "ModelConfig"))
+    name = d.pop("model_class", "ModelConfig")
+    if name == "NCSNppConfig":
+        from .models.ncsnpp import NCSNppConfig as model_cls
+    elif name == "ModelConfig":
+        model_cls = ModelConfig
+    else:
+        raise ConfigError(f"unknown model config class {name!r} (expected ModelConfig or NCSNppConfig)")
     preset = d.get("preset", "custom")
     if not isinstance(preset, str):
         raise ConfigError(f"preset must be a string, got {preset!r}")
@@ -596,9 +584,8 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
 
 def describe(cfg: Config) -> str:
     """Every override key with its type, current value and help text (``--help-config``)."""
-    helps: Dict[str, str] = {}
-    for section in ("model", "sde", "data", "train", "sample"):
-        helps.update({f"{section}.{k}": v for k, v in field_help(type(getattr(cfg, section))).items()})
+    helps = {f"{section}.{k}": v for section in ("model", "sde", "data", "train", "sample")
+             for k, v in field_help(type(getattr(cfg, section))).items()}
     lines = [f"Options of preset {cfg.preset} (override any with --key value):", ""]
     for key, obj, name, tp in _leaves(cfg):
         if key == "preset":

@@ -3,13 +3,11 @@
     python -m minisgm.convert checkpoint_26.pth --preset cifar10_ncsnpp_ve --out runs/score-sde-ve
     python -m minisgm.sample --ckpt runs/score-sde-ve --sampler pc --steps 1000 --n 64
 
-The official code stores the networks of :class:`minisgm.models.ncsnpp.NCSNpp`, layer for
-layer in the same order, as one flat list ``all_modules.K.*``: the K-th entry is the K-th module
-of :func:`reference_order`; its ``NIN`` layers (``y = x W + b``) become 1x1 convolutions with
-weight ``W^T`` and the attention's q, k, v one ``qkv`` convolution. The EMA becomes the run's
-``ema``; the optimizer state is not converted (an imported run samples but does not resume).
-VE runs are imported with ``sde.exact_variance=false``: those networks condition on ``sigma(t)``,
-not on the exact marginal std. Book: :ref:`sec-official-checkpoints`.
+The official ``all_modules.K.*`` entries are the modules of :func:`reference_order`, in order; ``NIN``
+layers (``y = x W + b``) become 1x1 convolutions of weight ``W^T``, the attention's q, k, v one ``qkv``.
+The EMA becomes ``ema``; the optimizer state is not converted (an imported run samples, never resumes).
+VE runs get ``sde.exact_variance=false``: those networks condition on ``sigma(t)``, not on the exact
+marginal std. Book: :ref:`sec-official-checkpoints`.
 """
 
 from __future__ import annotations
@@ -98,11 +96,8 @@ def convert_state_dict(ref_state: Mapping[str, Tensor], model: NCSNpp) -> Dict[s
 
 
 def ema_state_dict(ref_state: Mapping[str, Tensor], shadow_params: Sequence[Tensor], fourier: bool) -> Dict[str, Tensor]:
-    """The reference's model state dict with its trainable tensors replaced by the EMA's.
-
-    ``shadow_params``: the trainable ``all_modules`` tensors in order, i.e. without the fixed
-    Fourier frequencies ``all_modules.0.W``.
-    """
+    """The reference's model state dict with its trainable tensors replaced by the EMA's ``shadow_params``
+    (the ``all_modules`` tensors in order, without the fixed Fourier frequencies ``all_modules.0.W``)."""
     keys = [k for k in ref_state if _KEY.match(k)]
     if fourier:
         keys = [k for k in keys if _KEY.match(k).groups() != ("0", "W")]

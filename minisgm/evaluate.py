@@ -1,15 +1,12 @@
 """Evaluate a trained run: ``python -m minisgm.evaluate --ckpt RUN_DIR --metric bpd|fid|digits_fd``.
 
-* ``bpd``: bits/dim of held-out data under the probability-flow ODE likelihood
-  (:func:`minisgm.likelihood.bits_per_dim`; Song et al. 2021, sec. 4.3): the digits' test split
-  (unseen in training with ``data.holdout``), CIFAR-10's test batch, your own training images.
-* ``fid``: FID of ``--n`` samples against the training set's Inception statistics
-  (:mod:`minisgm.fid`; cached in ``~/.cache/minisgm``).
-* ``digits_fd``: the Frechet distance in a small digit classifier's features
-  (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the test digits,
-  next to that of ``n`` real training digits (the floor a perfect model would reach).
-
-Each result is printed as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
+``bpd``: bits/dim of held-out data under the probability-flow ODE (:func:`minisgm.likelihood.bits_per_dim`;
+Song et al. 2021, sec. 4.3): the digits' test split (unseen with ``data.holdout``), CIFAR-10's test batch,
+your own training images. ``fid``: FID of ``--n`` samples against the training set's Inception statistics
+(:mod:`minisgm.fid`; cached in ``~/.cache/minisgm``). ``digits_fd``: the Frechet distance in a digit
+classifier's features (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the
+test digits, next to that of ``n`` real training digits (a perfect model's floor). Each result is printed
+as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -24,18 +21,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .build import (
-    SAMPLERS,
-    _progress_bar,
-    data_path,
-    dataset_info,
-    generate,
-    load_images,
-    n_classes_of,
-    open_run,
-    score_fn_of,
-    to_unit_range,
-)
+from .build import (SAMPLERS, _progress_bar, data_path, dataset_info, generate, load_images, n_classes_of,
+                    open_run, score_fn_of, to_unit_range)
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .samplers import NonFiniteSampleError
@@ -46,18 +33,6 @@ METRICS = ("bpd", "fid", "digits_fd")
 Progress = Optional[Callable[[int], None]]
 
 
-def _held_out(cfg, n: int):
-    """Integer images ``[n, C, H, W]`` not trained on (digits, CIFAR-10) and the number of levels."""
-    info = dataset_info(cfg.data)
-    if not info.images:
-        raise ValueError(f"bits/dim needs image data, this run trained on {cfg.data.dataset!r}")
-    try:
-        images, _ = load_images(cfg.data, train=cfg.data.dataset in ("folder", "npz"))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}\nGive this run's data with --data-path.") from None
-    return images[:n].long(), info.levels
-
-
 def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson: Optional[str] = None,
                  rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, device="cpu", progress: Progress = None) -> Dict[str, Any]:
     """Mean bits/dim (and its standard error) of ``n`` held-out images (0: all of them);
@@ -66,15 +41,22 @@ def evaluate_bpd(model, cfg, sde, n: int = 0, batch_size: int = 128, hutchinson:
 
     if cfg.data.class_conditional:
         raise ValueError("bits/dim of a class-conditional run is not defined here (it needs p(x) = sum_y p(x|y) p(y))")
-    x_int, n_levels = _held_out(cfg, n if n > 0 else 10**9)
+    info = dataset_info(cfg.data)
+    if not info.images:
+        raise ValueError(f"bits/dim needs image data, this run trained on {cfg.data.dataset!r}")
+    try:  # images not trained on (digits, CIFAR-10); folders and .npz files have no test split
+        images, _ = load_images(cfg.data, train=cfg.data.dataset in ("folder", "npz"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}\nGive this run's data with --data-path.") from None
+    x_int = images[: n if n > 0 else None].long()
     # The model saw u in [0, 1] (centered: 2u - 1); bits_per_dim maps u -> scale u + shift.
     scale, shift = (2.0, -1.0) if cfg.data.centered else (1.0, 0.0)
     g = torch.Generator(device).manual_seed(seed)
     fn = score_fn_of(model)
     bpds, nfes = [], []
     for i in range(0, x_int.shape[0], batch_size):
-        b, nfe = bits_per_dim(fn, sde, x_int[i : i + batch_size].to(device), n_levels, scale=scale, shift=shift,
-                              generator=g, rtol=rtol, atol=atol, hutchinson=hutchinson)
+        b, nfe = bits_per_dim(fn, sde, x_int[i : i + batch_size].to(device), info.levels, scale=scale,
+                              shift=shift, generator=g, rtol=rtol, atol=atol, hutchinson=hutchinson)
         bpds.append(b.detach().cpu().double())
         nfes.append(nfe)
         if progress is not None:

