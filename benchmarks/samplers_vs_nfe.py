@@ -100,9 +100,6 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
     for gname, gf in grids.items():
         out.append((f"3M, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.dpm_solver_sample(
             sf, sde, sh, nfe, order=3, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
-    out.append(("3M, lambda on the mixtures' own noise range [0.01, 20] (not a default)", b,
-                lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, ts=S.lambda_time_grid(
-                    sde, nfe, sigma_min=0.01, sigma_max=20.0, dtype=F64), generator=g, dtype=F64)))
     for gname, gf in grids.items():
         out.append((f"DDIM, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.ddim_sample(
             sf, sde, sh, nfe, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
