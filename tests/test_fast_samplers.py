@@ -66,6 +66,30 @@ def test_empirical_order(references, sde_name, solver):
     assert abs(slope - order) < 0.4, (solver, sde_name, errs, slope)
 
 
+@pytest.mark.parametrize("n_steps, last_order", [(9, 1), (10, 1), (14, 1), (15, 3), (40, 3)])
+def test_multistep_last_step_order(references, n_steps, last_order):
+    """Below 15 steps the multistep solver's last step is first order (below 10 the last two
+    are lowered, as the official code does); from 15 steps on the method keeps its order."""
+    sde, sf, x_T, _ = references["VE"]
+    x, _ = S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, order=3, x_init=x_T)
+    orders = [3] * n_steps
+    if n_steps < 10:
+        orders[-2] = 2
+    orders[-1] = last_order
+    y, _ = S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, order=orders, x_init=x_T)
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_first_order_last_step_is_closer_at_10_steps(references):
+    """The last of 10 steps spans the grid's whole low-noise tail: a third-order step extrapolates
+    the previous, much shorter steps' D over it and lands further from the exact solution."""
+    for name in ("VE", "subVP"):
+        sde, sf, x_T, ref = references[name]
+        err = {lof: float((S.dpm_solver_sample(sf, sde, x_T.shape, 10, lower_order_final=lof,
+                                                x_init=x_T)[0] - ref).norm(dim=1).mean()) for lof in (True, False)}
+        assert err[True] < 0.5 * err[False], (name, err)
+
+
 # ----- DDIM = Euler in (x / alpha, sigma / alpha) = DPM-Solver++ of order 1 -------------------
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_ddim_step_is_euler_in_scaled_variables(sde_name):
