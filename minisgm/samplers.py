@@ -498,8 +498,15 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
 
 def _edm_range_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
-    on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`)."""
-    return lambda_time_grid(sde, n_steps, eps, sigma_min=0.002, sigma_max=80.0, dtype=dtype)
+    on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.01, 80]`` below 15 steps.
+
+    A short grid's steps are 0.6 to 1 unit of ``lambda`` long, and ``[0.002, 0.01]`` (1.6 units,
+    where ``D`` of a component of std ``s`` moves by less than ``(0.01/s)^2``) would take two of them
+    on sub-VP and VE; VP (``eps = 1e-3``) ends at 0.0105 anyway. From 15 steps on, 0.01 left a
+    log-density bias on a component of std 0.05 (``benchmarks/samplers_vs_nfe.py --ablation``).
+    """
+    sigma_min = 0.01 if n_steps < 15 else 0.002
+    return lambda_time_grid(sde, n_steps, eps, sigma_min=sigma_min, sigma_max=80.0, dtype=dtype)
 
 
 def _fast_grid(sde: SDE, n_steps: int, eps: Optional[float], ts, default: Callable[..., Tensor]) -> List[float]:
@@ -543,9 +550,9 @@ def ddim_sample(
     ``0 < eta < 1`` interpolates. ``nfe = n_steps`` (+1 with ``denoise``: a final ``x0_hat(x_N, t_N)``).
 
     Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): the grid of
-    :func:`dpm_solver_sample` (:func:`lambda_time_grid` on EDM's ``[0.002, 80]``), so that DDIM is its
-    order 1 (EDM's ``rho = 7`` grid was worse in both measures); no final denoising (no better at equal
-    NFE). Book: :ref:`sec-fast-ddim`.
+    :func:`dpm_solver_sample` (:func:`lambda_time_grid` on ``[0.002, 80]``; ``[0.01, 80]`` below 15
+    steps), so that DDIM is its order 1 (EDM's ``rho = 7`` grid was worse in both measures); no final
+    denoising (no better at equal NFE). Book: :ref:`sec-fast-ddim`.
     """
     eta = check_number("eta", eta, 0.0, None)
     grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
@@ -732,7 +739,8 @@ def dpm_solver_sample(
 
     Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): multistep;
     3M from 10 steps (the best form at 10-50 NFE), 2M below (3M overshoots on a short grid's long
-    steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]`` (:func:`lambda_time_grid`; EDM's
+    steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]``, ``[0.01, 80]`` below 15 steps
+    (:func:`lambda_time_grid`; the noise below 0.01 is not worth two of ten steps; EDM's
     and a uniform ``t`` grid were several times worse); no final denoising (no better).
     Book: :ref:`sec-fast-dpm-solver`.
     """
