@@ -88,24 +88,24 @@ def lms_sample(score_fn, sde, shape, n_steps, *, order=3, generator=None, dtype=
 def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
     lam_sde = lambda sde, n: S.lambda_time_grid(sde, n, dtype=F64)  # noqa: E731  (SDE's own range)
     grids = {
-        "lambda on [0.002, 80]": None,
+        "lambda on [0.002, 80]": lambda sde, n: S.lambda_time_grid(sde, n, sigma_min=0.002, sigma_max=80.0, dtype=F64),
+        "lambda on [0.01, 80]": lambda sde, n: S.lambda_time_grid(sde, n, sigma_min=0.01, sigma_max=80.0, dtype=F64),
         "lambda, SDE's range": lam_sde,
         "EDM rho = 7": lambda sde, n: S.edm_time_grid(sde, n, dtype=F64),
         "uniform t": lambda sde, n: S.time_grid(sde, n, dtype=F64),
     }
-    grid = lambda f, sde, n: None if f is None else f(sde, n)  # noqa: E731
     b = (5, 10, 20, 35)
-    out = [("DPM-Solver++ default (2M below 10 steps, 3M from 10)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+    out = [("DPM-Solver++ default (2M below 10 steps, 3M from 10; [0.01, 80] below 15 steps)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
         sf, sde, sh, nfe, generator=g, dtype=F64))]
     for gname, gf in grids.items():
         out.append((f"3M, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.dpm_solver_sample(
-            sf, sde, sh, nfe, order=3, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
+            sf, sde, sh, nfe, order=3, ts=gf(sde, nfe), generator=g, dtype=F64)))
     for gname, gf in grids.items():
         out.append((f"DDIM, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.ddim_sample(
-            sf, sde, sh, nfe, ts=grid(gf, sde, nfe), generator=g, dtype=F64)))
+            sf, sde, sh, nfe, ts=gf(sde, nfe), generator=g, dtype=F64)))
     for gname, gf in grids.items():
         out.append((f"EDM Heun, {gname}", b[1:], lambda sf, sde, sh, nfe, g, gf=gf: S.edm_sample(
-            sf, sde, sh, nfe // 2, ts=grid(gf, sde, nfe // 2), generator=g, dtype=F64)))
+            sf, sde, sh, nfe // 2, ts=gf(sde, nfe // 2), generator=g, dtype=F64)))
     out += [
         ("2M", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, order=2, generator=g, dtype=F64)),
         ("2S (singlestep, order schedule)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
@@ -115,6 +115,10 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         ("3S, uniform t (DPM-Solver-fast)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, len(S.dpm_solver_orders(nfe, 3)), order=S.dpm_solver_orders(nfe, 3), multistep=False,
             ts=S.time_grid(sde, len(S.dpm_solver_orders(nfe, 3)), dtype=F64), generator=g, dtype=F64)),
+        # the default's short-grid form at every N (where VP, eps = 1e-3, and the standard VE end)
+        ("3M, lambda on [0.01, 80], first-order last step at every N", b + (50,), lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, order=S._solver_orders(None, nfe, True, True)[:-1] + [1],
+            ts=S.lambda_time_grid(sde, nfe, sigma_min=0.01, sigma_max=80.0, dtype=F64), generator=g, dtype=F64)),
         ("3M, no lower-order final steps", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, nfe, order=3, lower_order_final=False, generator=g, dtype=F64)),
         ("3M, N - 1 steps + final x0_hat", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
