@@ -501,9 +501,9 @@ def _edm_range_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: 
     on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.01, 80]`` below 15 steps.
 
     A short grid's steps are 0.6 to 1 unit of ``lambda`` long, and ``[0.002, 0.01]`` (1.6 units,
-    where ``D`` of a component of std ``s`` moves by less than ``(0.01/s)^2``) would take two of them
-    on sub-VP and VE; VP (``eps = 1e-3``) ends at 0.0105 anyway. From 15 steps on, 0.01 left a
-    log-density bias on a component of std 0.05 (``benchmarks/samplers_vs_nfe.py --ablation``).
+    where ``D`` of a component of std ``s`` moves by less than ``(0.01/s)^2``) would take one and a
+    half of ten on sub-VP and VE; VP (``eps = 1e-3``) ends at 0.0105 anyway. From 15 steps on, with
+    0.01, 3M was off the floor at 50 NFE on a component of std 0.05 (``samplers_vs_nfe.py --ablation``).
     """
     sigma_min = 0.01 if n_steps < 15 else 0.002
     return lambda_time_grid(sde, n_steps, eps, sigma_min=sigma_min, sigma_max=80.0, dtype=dtype)
@@ -740,7 +740,7 @@ def dpm_solver_sample(
     Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): multistep;
     3M from 10 steps (the best form at 10-50 NFE), 2M below (3M overshoots on a short grid's long
     steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]``, ``[0.01, 80]`` below 15 steps
-    (:func:`lambda_time_grid`; the noise below 0.01 is not worth two of ten steps; EDM's
+    (:func:`lambda_time_grid`; the noise below 0.01 is not worth 1.5 of ten steps; EDM's
     and a uniform ``t`` grid were several times worse); no final denoising (no better).
     Book: :ref:`sec-fast-dpm-solver`.
     """
