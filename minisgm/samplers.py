@@ -35,6 +35,9 @@ Callback = Callable[[int, float, Tensor], None]
 
 ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 """Adaptive Runge-Kutta solvers of torchdiffeq accepted by :func:`ode_sample` (``dopri5`` is RK45)."""
+_SHORT_GRID = 15
+"""Below this many steps the fast samplers' default grid ends at 0.01, not 0.002, and the multistep
+solver takes a first-order last step across that grid's tail (measured together)."""
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -500,12 +503,12 @@ def _edm_range_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: 
     """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
     on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.01, 80]`` below 15 steps.
 
-    A short grid's steps are 0.6 to 1 unit of ``lambda`` long, and ``[0.002, 0.01]`` (1.6 units,
-    where ``D`` of a component of std ``s`` moves by less than ``(0.01/s)^2``) would take one and a
-    half of ten on sub-VP and VE; VP (``eps = 1e-3``) ends at 0.0105 anyway. From 15 steps on, with
-    0.01, 3M was off the floor at 50 NFE on a component of std 0.05 (``samplers_vs_nfe.py --ablation``).
+    A short grid's steps are 0.6 units of ``lambda`` long or more, and ``[0.002, 0.01]`` (1.6 units,
+    where ``D`` of a component of std ``s`` moves by less than ``(0.01/s)^2``) takes about one of ten
+    on sub-VP and VE; VP (``eps = 1e-3``) ends at 0.0105 anyway. From 15 steps on, with 0.01, 3M
+    was off the floor at 50 NFE on a component of std 0.05 (``samplers_vs_nfe.py --ablation``).
     """
-    sigma_min = 0.01 if n_steps < 15 else 0.002
+    sigma_min = 0.01 if n_steps < _SHORT_GRID else 0.002
     return lambda_time_grid(sde, n_steps, eps, sigma_min=sigma_min, sigma_max=80.0, dtype=dtype)
 
 
@@ -606,7 +609,7 @@ def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool
         orders = [check_choice("order", order, (1, 2, 3))] * n_steps
         if lower_order_final and n_steps < 10:  # at most order j + 1 in the j-th step from the end
             orders = [min(k, n_steps - i) for i, k in enumerate(orders)]
-        elif lower_order_final and multistep and n_steps < 15:  # a first-order (DDIM) last step
+        elif lower_order_final and multistep and n_steps < _SHORT_GRID:  # a first-order (DDIM) last step
             orders[-1] = 1
     else:  # per-step orders are taken as given
         orders = [check_choice("order (each entry)", k, (1, 2, 3)) for k in order]
@@ -740,7 +743,7 @@ def dpm_solver_sample(
     Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): multistep;
     3M from 10 steps (the best form at 10-50 NFE), 2M below (3M overshoots on a short grid's long
     steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]``, ``[0.01, 80]`` below 15 steps
-    (:func:`lambda_time_grid`; the noise below 0.01 is not worth 1.5 of ten steps; EDM's
+    (:func:`lambda_time_grid`; the noise below 0.01 is not worth one of ten steps; EDM's
     and a uniform ``t`` grid were several times worse); no final denoising (no better).
     Book: :ref:`sec-fast-dpm-solver`.
     """
