@@ -118,7 +118,7 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         # the default's short-grid form at every N (where VP, eps = 1e-3, and the standard VE end)
         ("3M, lambda on [0.01, 80], first-order last step at every N", b + (50,), lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, nfe, order=S._solver_orders(None, nfe, True, True)[:-1] + [1],
-            ts=S.lambda_time_grid(sde, nfe, sigma_min=0.01, sigma_max=80.0, dtype=F64), generator=g, dtype=F64)),
+            ts=grids["lambda on [0.01, 80]"](sde, nfe), generator=g, dtype=F64)),
         ("3M, no lower-order final steps", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, nfe, order=3, lower_order_final=False, generator=g, dtype=F64)),
         ("3M, N - 1 steps + final x0_hat", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
