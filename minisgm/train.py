@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -462,14 +462,45 @@ def train(cfg: Config, run_dir: Optional[os.PathLike] = None, resume: bool = Tru
     if tc.batch_size % n_shards:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by world_size x grad_accum = "
                           f"{d.world_size} x {tc.grad_accum} (every shard gets the same number of examples)")
-    if tc.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    elif d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with backend_flags(tc.deterministic, d.device.type):
+        return _train(cfg, d, run_dir, resume, progress, note)
+
+
+@contextlib.contextmanager
+def backend_flags(deterministic: bool, device_type: str) -> Iterator[None]:
+    """PyTorch's process-wide numerics for a run, restored on exit.
+
+    ``deterministic``: deterministic algorithms (and cuBLAS's fixed workspace), no cuDNN autotuning;
+    else on CUDA: cuDNN autotuning and TF32 matrix products and convolutions. Restored so that a
+    :func:`train` called from a notebook or a test leaves later code's float32 precision alone (on an
+    H200, a colorization run after it lost its exact grey constraint to TF32 matrix products).
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        elif device_type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[2], saved[3]
+        torch.set_float32_matmul_precision(saved[4])
+        if saved[5] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
+
+
+def _train(cfg: Config, d: Dist, run_dir: Optional[os.PathLike], resume: bool, progress: bool,
+           note: Optional[str]) -> Path:
+    tc = cfg.train
     if run_dir is None:
         run_dir = str(Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     obj = [str(run_dir)]

@@ -377,6 +377,35 @@ def test_stopping_early_and_resuming_in_process_is_exact(tmp_path):
     assert b["step"] == 12 and _same_tensors(a["model"], b["model"]) and _same_tensors(a["ema"], b["ema"])
 
 
+def _numerics():
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def test_train_leaves_the_process_numerics_as_it_found_them(tmp_path, monkeypatch):
+    """Found on an H200: after ``train()`` in the same process, TF32 matrix products stayed on and a
+    later colorization missed its grey constraint by 1e-3. ``backend_flags`` restores them."""
+    from minisgm.train import backend_flags
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = _numerics()
+    assert before[0] is False and before[3] is False and before[5] is None
+    with backend_flags(False, "cuda"):  # what a CUDA run sets (the flags exist on CPU builds too)
+        assert _numerics()[1:5] == (True, True, True, "high")
+    assert _numerics() == before
+    with backend_flags(True, "cpu"):
+        assert _numerics()[0] is True and _numerics()[5] == ":4096:8"
+    assert _numerics() == before
+    cfg = get_preset("toy_moons")
+    cfg.train.n_steps, cfg.train.batch_size, cfg.train.log_every, cfg.train.ckpt_every = 3, 16, 3, 3
+    cfg.train.sample_every, cfg.train.deterministic = 0, True
+    train(cfg, tmp_path / "det", progress=False)
+    assert _numerics() == before
+    with pytest.raises(RuntimeError, match="inside"), backend_flags(True, "cpu"):
+        raise RuntimeError("inside")  # restored on errors too
+    assert _numerics() == before
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fast_path_bf16_channels_last_fused_adam_compile(tmp_path):
