@@ -34,7 +34,7 @@ import torch
 from minisgm.build import build_model, build_sde, dataset_info
 from minisgm.config import Config, get_preset
 from minisgm.models.ncsnpp import count_parameters
-from minisgm.train import build_optimizer, ema_update, lr_at, train_step
+from minisgm.train import backend_flags, build_optimizer, ema_update, lr_at, train_step
 
 PRESETS = ["cifar10_small", "cifar10_ncsnpp_ve", "cifar10_ddpmpp_vp", "cifar10_ncsnpp_deep_ve", "cifar10_ddpmpp_deep_vp"]
 MODES = ["fp32", "bf16", "bf16+compile"]
@@ -212,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"after {args.warmup} warm-up; {'NCHW' if args.contiguous else 'channels_last'}; "
           f"dense bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'n/a'}")
     if device.type == "cuda":
-        print(f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN conv {torch.backends.cudnn.allow_tf32}")
+        print("as python -m minisgm.train runs (minisgm.train.backend_flags): TF32 matmul and cuDNN conv, "
+              "cudnn.benchmark on")
     print("step = minisgm.train.train_step (sde_loss forward + backward + clip_grad_norm + Adam"
           f"{' (fused)' if device.type == 'cuda' else ''}) + ema_update; FLOPs = network fwd+bwd (FlopCounterMode)")
     mem = "peak alloc (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
@@ -225,8 +226,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             n_params = count_parameters(build_model(cfg))
         flops = flops_per_image(cfg)
         for mode in modes:
-            try:
-                r = bench_one(cfg, device, mode, args.batch_size, args.steps, args.warmup, not args.contiguous)
+            try:  # with the trainer's own backend settings (cuDNN autotuning, TF32 on CUDA)
+                with backend_flags(False, device.type):
+                    r = bench_one(cfg, device, mode, args.batch_size, args.steps, args.warmup, not args.contiguous)
             except torch.cuda.OutOfMemoryError:
                 print(f"| {preset} | {n_params / 1e6:.1f} | {mode} | OOM | | | {flops / 1e9:.1f} | | | |", flush=True)
                 continue
