@@ -473,7 +473,7 @@ def backend_flags(deterministic: bool, device_type: str) -> Iterator[None]:
     ``deterministic``: deterministic algorithms (and cuBLAS's fixed workspace), no cuDNN autotuning;
     else on CUDA: cuDNN autotuning and TF32 matrix products and convolutions. Restored so that a
     :func:`train` called from a notebook or a test leaves later code's float32 precision alone (on an
-    H200, a colorization run after it lost its exact grey constraint to TF32 matrix products).
+    H200, a colorization run after it missed its exact grey constraint under TF32 matrix products).
     """
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),

@@ -385,7 +385,8 @@ def _numerics():
 
 def test_train_leaves_the_process_numerics_as_it_found_them(tmp_path, monkeypatch):
     """Found on an H200: after ``train()`` in the same process, TF32 matrix products stayed on and a
-    later colorization missed its grey constraint by 1e-3. ``backend_flags`` restores them."""
+    later colorization missed its exact grey constraint (tolerance 1e-5). ``backend_flags`` restores
+    them."""
     from minisgm.train import backend_flags
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
