@@ -317,8 +317,8 @@ def open_run(args) -> Tuple[Run, torch.device]:
     note = configure_threads(args.threads)
     device = resolve_device(args.device)
     run = load_run(args.ckpt, device, use_ema=not args.no_ema)
-    if note:  # after loading, so that a bad checkpoint is reported in one line
-        print(note, file=sys.stderr)
+    if note and device.type == "cpu":  # after loading: a bad checkpoint is reported in one line;
+        print(note, file=sys.stderr)   # on a GPU the CPU threads hardly matter
     return run, device
 
 
@@ -399,12 +399,13 @@ def _progress_bar(total: Optional[int], desc: str, unit: str = "step"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
 
 
-def configure_threads(requested: int = 0) -> Optional[str]:
+def configure_threads(requested: int = 0, option: str = "--threads") -> Optional[str]:
     """Set PyTorch's CPU threads; returns a note for the user when the choice is not the obvious one.
 
     ``requested > 0`` is used as is; ``0``: ``OMP_NUM_THREADS`` if set, else one thread per idle
     core (one-minute load average). PyTorch's one per core oversubscribes a busy machine: digits
     trained several times slower with 2 threads than with 1 on 2 cores next to other work.
+    ``option`` is the command line's option for the thread count, named in the note.
     """
     if requested > 0:
         torch.set_num_threads(requested)
@@ -420,5 +421,5 @@ def configure_threads(requested: int = 0) -> Optional[str]:
     if idle < cores:
         torch.set_num_threads(idle)
         return (f"note: the machine is busy (load {load:.1f} on {cores} cores): using {idle} CPU thread"
-                f"{'s' if idle > 1 else ''} (set --train.threads N or OMP_NUM_THREADS to choose)")
+                f"{'s' if idle > 1 else ''} (set {option} N or OMP_NUM_THREADS to choose)")
     return None
