@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh syncs       # benchmarks/cuda_syncs.py: host syncs per step, sampler img/s
 #   bash benchmarks/gpu_session.sh train       # a short CIFAR-shaped run on stand-in data, resumed, samples, bits/dim
 #   bash benchmarks/gpu_session.sh all         # all five in one command of under 10 minutes (BUDGET seconds)
+#   bash benchmarks/gpu_session.sh profile     # benchmarks/profile_step.py: where a step's time goes (not in all)
 #
 # "all" is for a lease of minutes: it builds the reference's CUDA extension and the stand-in data
 # in the background while the tests run, gives each stage a time limit (a stage cut short keeps
@@ -18,7 +19,7 @@
 # .ref/score_sde_pytorch, an ignored folder a session can fill and carry). Each stage prints
 # what it measured; copy the tables into the README and the CIFAR-10 chapter with the hardware line.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|throughput|compare|syncs|train|all}
+stage=${1:?usage: gpu_session.sh tests|throughput|compare|syncs|train|all|profile}
 out=${OUT:-gpu-results}
 work=${WORK:-/tmp/minisgm-gpu}
 ref=${REF:-.ref/score_sde_pytorch}
@@ -50,6 +51,12 @@ run_compare() {
   $py benchmarks/vs_score_sde.py --ref "$ref" --presets ${COMPARE_PRESETS:-ddpmpp_cifar10,ncsnpp_cifar10} \
     --batch-size "${BATCH:-128}" --modes "${COMPARE_MODES:-fp32,bf16,bf16+compile}" --steps "${TIMED:-20}" \
     --warmup "${WARMUP:-3}" 2>&1 | tee "$out/vs_score_sde.md"
+}
+run_profile() {
+  for mode in ${PROFILE_MODES:-bf16+compile bf16}; do
+    $py benchmarks/profile_step.py --preset "${PROFILE_PRESET:-cifar10_ddpmpp_vp}" --mode "$mode" \
+      --batch-size "${BATCH:-128}" 2>&1 | tee -a "$out/profile.md"
+  done
 }
 run_syncs() {
   $py benchmarks/cuda_syncs.py ${SYNCS_ARGS:-} 2>&1 | tee "$out/syncs.md"
@@ -87,7 +94,7 @@ PY
     || cp "$(ls "$work"/run/samples/step-*.png | tail -1)" "$out/train-samples.png" 2>/dev/null
   $py -m minisgm.sample --ckpt "$work/run" --sampler pc --n 64 --steps "$sample_steps" --out "$work/samples.npz" 2>&1 | tee -a "$out/train.log"
   cp "$work/samples.png" "$out/samples-pc.png" 2>/dev/null
-  $py -m minisgm.evaluate --ckpt "$work/run" --metric bpd --n 256 --hutchinson rademacher 2>&1 | tee -a "$out/train.log"
+  $py -m minisgm.evaluate --ckpt "$work/run" --metric bpd --n "${BPD_N:-256}" --hutchinson rademacher 2>&1 | tee -a "$out/train.log"
 }
 
 case "$stage" in
@@ -95,18 +102,22 @@ case "$stage" in
   throughput) run_throughput ;;
   compare) run_compare ;;
   syncs) run_syncs ;;
+  profile) run_profile ;;
   train) run_train ;;
   all)
-    budget=${BUDGET:-570}
+    budget=${BUDGET:-575}
     t0=$(date +%s)
     final=$out                    # at most 8 files come back from a lease: one archive, and the stage log
+    # Sized from the H200 session (benchmarks/results/h200-2026-11-30): compiling one CIFAR model
+    # took 107 s, 400 training steps with two 200-step sample grids 76 s, bits/dim of 256 images 52 s.
     export OUT=$work/results GPU_SESSION_CHILD=1 COMPARE_MODES=${COMPARE_MODES:-fp32,bf16} \
-      STEPS=${STEPS:-1200} SAMPLE_STEPS=${SAMPLE_STEPS:-500}
+      STEPS=${STEPS:-400} SAMPLE_STEPS=${SAMPLE_STEPS:-200} PER_BATCH=${PER_BATCH:-1000} \
+      TIMED=${TIMED:-10} WARMUP=${WARMUP:-2} BPD_N=${BPD_N:-64}
     rm -rf "$OUT" && mkdir -p "$OUT" && cp "$final/hardware.txt" "$OUT/"
     # Stage limits in seconds, in the order run. A stage gets at most its limit, and never what
     # the later stages are promised (half their limits).
-    declare -A limit=([tests]=${T_TESTS:-90} [throughput]=${T_THROUGHPUT:-230} [syncs]=${T_SYNCS:-45} \
-                      [compare]=${T_COMPARE:-80} [train]=${T_TRAIN:-100})
+    declare -A limit=([tests]=${T_TESTS:-70} [throughput]=${T_THROUGHPUT:-260} [syncs]=${T_SYNCS:-45} \
+                      [compare]=${T_COMPARE:-90} [train]=${T_TRAIN:-110})
     order=(tests throughput syncs compare train)
     # CPU-side work in the background while the GPU tests run: the reference's CUDA extension
     # (its op/ package compiles at import) and the stand-in data.
@@ -132,6 +143,6 @@ case "$stage" in
     tar -czf "$final/gpu-results.tar.gz" -C "$OUT" . && ls -la "$OUT"
     ;;
   *)
-    echo "unknown stage $stage: choose tests, throughput, compare, syncs, train or all"; exit 2
+    echo "unknown stage $stage: choose tests, throughput, compare, syncs, train, all or profile"; exit 2
     ;;
 esac
