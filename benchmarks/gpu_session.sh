@@ -113,6 +113,7 @@ case "$stage" in
     export OUT=$work/results GPU_SESSION_CHILD=1 COMPARE_MODES=${COMPARE_MODES:-fp32,bf16} \
       STEPS=${STEPS:-400} SAMPLE_STEPS=${SAMPLE_STEPS:-200} PER_BATCH=${PER_BATCH:-1000} \
       TIMED=${TIMED:-10} WARMUP=${WARMUP:-2} BPD_N=${BPD_N:-64}
+    per_batch=$PER_BATCH  # the stand-in data is written here, in the background
     rm -rf "$OUT" && mkdir -p "$OUT" && cp "$final/hardware.txt" "$OUT/"
     # Stage limits in seconds, in the order run. A stage gets at most its limit, and never what
     # the later stages are promised (half their limits).
