@@ -32,7 +32,7 @@ from typing import Callable, Iterator, List
 
 import torch
 
-from train_throughput import make_step, sync
+from train_throughput import checked_device, make_step, sync
 
 from minisgm.build import SAMPLERS, build_model, build_sde, generate
 from minisgm.config import get_preset
@@ -85,9 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size < 1 or args.sample_batch < 1 or not 1 <= args.pc_window <= 1000:
         parser.error("--batch-size and --sample-batch must be >= 1, 1 <= --pc-window <= 1000")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    device = checked_device(parser, args.device)
     cfg = get_preset(args.preset)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}")

@@ -22,9 +22,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from train_throughput import MODES, make_step, sync
+from train_throughput import MODES, checked_device, make_step, sync
 
 from minisgm.config import get_preset
+from minisgm.train import backend_flags
 
 MATRIX = re.compile(r"conv|gemm|cutlass|cudnn|sm\d\d_|xmma|implicit|wgrad|dgrad|matmul", re.I)
 
@@ -48,11 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    from minisgm.train import backend_flags
-
+    device = checked_device(parser, args.device)
     with backend_flags(False, device.type):
         step = make_step(get_preset(args.preset), device, args.mode, args.batch_size, channels_last=True)
         for _ in range(args.warmup):

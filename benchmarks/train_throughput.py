@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from minisgm.build import build_model, build_sde, dataset_info
+from minisgm.build import build_model, build_sde, dataset_info, resolve_device
 from minisgm.config import Config, get_preset
 from minisgm.models.ncsnpp import count_parameters
 from minisgm.train import backend_flags, build_optimizer, ema_update, lr_at, train_step
@@ -167,6 +167,14 @@ def bench_one(cfg: Config, device: torch.device, mode: str, batch_size: int, ste
             "warmup_s": warm_s}
 
 
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` through :func:`minisgm.build.resolve_device`; ``parser.error`` on a bad one."""
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def checked_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  valid_presets: List[str]) -> Tuple[List[str], List[str], torch.device]:
     """``(presets, modes, device)`` from the shared options; ``parser.error`` on bad values."""
@@ -182,10 +190,7 @@ def checked_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    return presets, modes, device
+    return presets, modes, checked_device(parser, args.device)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
