@@ -112,6 +112,39 @@ def test_a_busy_machine_is_told_once_work_starts(tiny_digits_run, tmp_path, caps
     assert "note: the machine is busy" in err and "(set --threads N" in err  # the sampler's own option
 
 
+
+def test_the_busy_machine_note_is_left_out_off_the_cpu(tiny_digits_run, tmp_path, capsys, monkeypatch,
+                                                        busy_machine):
+    # The note is about CPU threads: work on another device (PyTorch's 'meta' device stands in for
+    # a GPU here) gets none, from training and from sampling alike, on the same busy machine.
+    import minisgm.build as build
+    import minisgm.train as train_module
+
+    seen = {}
+
+    def fake_train(cfg, run_dir, **kw):  # only what main() hands to the trainer
+        seen["note"] = kw["note"]
+        return tmp_path / "run"
+
+    monkeypatch.setattr(train_module, "setup_distributed", lambda pref: train_module.Dist(device=torch.device("meta")))
+    monkeypatch.setattr(train_module, "train", fake_train)
+    assert train_main(["--resume", str(tiny_digits_run), "--no-progress"]) == 0
+    assert seen == {"note": None} and "note: the machine is busy" not in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "setup_distributed", lambda pref: train_module.Dist())  # the control
+    assert train_main(["--resume", str(tiny_digits_run), "--no-progress"]) == 0
+    assert seen["note"].startswith("note: the machine is busy")
+
+    class Args:
+        threads, device, ckpt, no_ema = 0, "cpu", str(tiny_digits_run), False
+
+    monkeypatch.setattr(build, "load_run", lambda path, device, use_ema: "run")  # the note, not the load
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("meta"))
+    _, device = build.open_run(Args)
+    assert device.type == "meta" and "note: the machine is busy" not in capsys.readouterr().err
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cpu"))  # the control
+    build.open_run(Args)
+    assert "note: the machine is busy" in capsys.readouterr().err
+
 def test_nan_weights_are_reported_not_sampled(tiny_digits_run, tmp_path, capsys):
     bad = _rewritten(tiny_digits_run, tmp_path, "nan.pt",
                      lambda s: s.update(ema={k: v.fill_(float("nan")) if v.is_floating_point() else v
