@@ -499,7 +499,7 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
     return ts.to(device=device, dtype=dtype)
 
 
-def _edm_range_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def _default_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
     on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.01, 80]`` below 15 steps.
 
@@ -558,7 +558,7 @@ def ddim_sample(
     denoising (no better at equal NFE). Book: :ref:`sec-fast-ddim`.
     """
     eta = check_number("eta", eta, 0.0, None)
-    grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
+    grid = _fast_grid(sde, n_steps, eps, ts, _default_lambda_grid)
     alpha, sigma = _marginals(sde, grid)
     steps = []
     for i in range(len(grid) - 1):
@@ -747,7 +747,7 @@ def dpm_solver_sample(
     and a uniform ``t`` grid were several times worse); no final denoising (no better).
     Book: :ref:`sec-fast-dpm-solver`.
     """
-    grid = _fast_grid(sde, n_steps, eps, ts, _edm_range_grid)
+    grid = _fast_grid(sde, n_steps, eps, ts, _default_lambda_grid)
     orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final)
     alpha, sigma = _marginals(sde, grid)
     lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
