@@ -3,7 +3,7 @@
 Two 2-D Gaussian mixtures (``exact_measures.mixtures()``: the README's 3-mode mixture, and one
 with a small, narrow, distant mode), their exact noised scores (:func:`minisgm.data.exact_score_fn`)
 and the VP, sub-VP and VE SDEs, so the only errors are the samplers'. Each sampler, with its
-default settings, runs at NFE budgets 5, 10, 20, 35, 50 (and more for the slow ones), for
+default settings, runs at NFE budgets 5, 10, 15, 20, 25, 30, 35, 50 (and more for the slow ones), for
 n = 4000 samples and 8 seeds. Three measures against the mixture itself (``exact_measures``):
 the largest mode-weight error under soft assignment, the mean exact log-density of the samples
 minus ``E_p[log p]``, and the energy distance to the mixture; each is compared with the same
@@ -17,7 +17,7 @@ last step, lower-order final steps, stochastic churn, VE's ``exact_variance``), 
 
     python benchmarks/samplers_vs_nfe.py [--ablation] [--n 4000] [--seeds 8]
 
-About 12 min of one core for the main tables, 9 min for the ablation (an idle core is faster).
+About 10 min of one core for the main tables, 9 min for the ablation (an idle core is faster).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from minisgm.data import exact_score_fn
 from minisgm.sde import SubVPSDE, VESDE, VPSDE
 
 F64 = torch.float64
-BUDGETS = (5, 10, 20, 35, 50)
+BUDGETS = (5, 10, 15, 20, 25, 30, 35, 50)
 SLOW = (100, 200)
 Run = Callable[..., Tuple[torch.Tensor, int]]
 
