@@ -314,11 +314,11 @@ def open_run(args) -> Tuple[Run, torch.device]:
     """For the command lines: set the CPU threads (``args.threads``; a note is printed when the
     machine is busy) and load the run of ``args.ckpt`` on ``args.device`` (EMA weights unless
     ``args.no_ema``). Raises ``ValueError``/:class:`CheckpointError` with a one-line message."""
-    note = configure_threads(args.threads)
     device = resolve_device(args.device)
+    note = configure_threads(args.threads, device_type=device.type)
     run = load_run(args.ckpt, device, use_ema=not args.no_ema)
-    if note and device.type == "cpu":  # after loading: a bad checkpoint is reported in one line;
-        print(note, file=sys.stderr)   # on a GPU the CPU threads hardly matter
+    if note:  # after loading, so that a bad checkpoint is reported in one line
+        print(note, file=sys.stderr)
     return run, device
 
 
@@ -399,13 +399,14 @@ def _progress_bar(total: Optional[int], desc: str, unit: str = "step"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
 
 
-def configure_threads(requested: int = 0, option: str = "--threads") -> Optional[str]:
+def configure_threads(requested: int = 0, option: str = "--threads", device_type: str = "cpu") -> Optional[str]:
     """Set PyTorch's CPU threads; returns a note for the user when the choice is not the obvious one.
 
     ``requested > 0`` is used as is; ``0``: ``OMP_NUM_THREADS`` if set, else one thread per idle
     core (one-minute load average). PyTorch's one per core oversubscribes a busy machine: digits
     trained several times slower with 2 threads than with 1 on 2 cores next to other work.
-    ``option`` is the command line's option for the thread count, named in the note.
+    ``option`` is the command line's option for the thread count, named in the note; the note is
+    only for work on the CPU (``device_type``): on a GPU the CPU threads hardly matter.
     """
     if requested > 0:
         torch.set_num_threads(requested)
@@ -420,6 +421,8 @@ def configure_threads(requested: int = 0, option: str = "--threads") -> Optional
     idle = max(1, min(cores, int(cores - load + 0.5)))
     if idle < cores:
         torch.set_num_threads(idle)
+        if device_type != "cpu":
+            return None
         return (f"note: the machine is busy (load {load:.1f} on {cores} cores): using {idle} CPU thread"
                 f"{'s' if idle > 1 else ''} (set {option} N or OMP_NUM_THREADS to choose)")
     return None

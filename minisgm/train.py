@@ -610,11 +610,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, args = resolve_config(argv)
-    note = configure_threads(cfg.train.threads, "--train.threads")
     d = None
     try:
         d = setup_distributed(cfg.train.device)
-        note = note if d.device.type == "cpu" else None  # on a GPU the CPU threads hardly matter
+        note = configure_threads(cfg.train.threads, "--train.threads", d.device.type)
         run_dir = train(cfg, args.run_dir, resume=True, progress=not args.no_progress, dist_info=d, note=note)
     except (ConfigError, RunFolderBusy) as err:
         return _fail(str(err), 2)

@@ -112,7 +112,6 @@ def test_a_busy_machine_is_told_once_work_starts(tiny_digits_run, tmp_path, caps
     assert "note: the machine is busy" in err and "(set --threads N" in err  # the sampler's own option
 
 
-
 def test_the_busy_machine_note_is_left_out_off_the_cpu(tiny_digits_run, tmp_path, capsys, monkeypatch,
                                                         busy_machine):
     # The note is about CPU threads: work on another device (PyTorch's 'meta' device stands in for
@@ -144,6 +143,7 @@ def test_the_busy_machine_note_is_left_out_off_the_cpu(tiny_digits_run, tmp_path
     monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cpu"))  # the control
     build.open_run(Args)
     assert "note: the machine is busy" in capsys.readouterr().err
+
 
 def test_nan_weights_are_reported_not_sampled(tiny_digits_run, tmp_path, capsys):
     bad = _rewritten(tiny_digits_run, tmp_path, "nan.pt",

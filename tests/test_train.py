@@ -407,6 +407,7 @@ def test_train_leaves_the_process_numerics_as_it_found_them(tmp_path, monkeypatc
         raise RuntimeError("inside")  # restored on errors too
     assert _numerics() == before
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fast_path_bf16_channels_last_fused_adam_compile(tmp_path):
