@@ -503,14 +503,17 @@ def _default_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dt
     """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
     on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.03, 60]`` below 15 steps.
 
-    A short grid's steps are 0.7 units of ``lambda`` long or more; the ends of the range, where ``D``
-    barely moves (below 0.03 it moves by less than ``(0.03/s)^2`` for a component of std ``s``), are
-    not worth a full one of ten. Measured with exact scores (``samplers_vs_nfe.py --ablation``):
-    at 10 NFE ``[0.03, 60]`` was closer to the floor than ``[0.01, 80]`` in seven of eight cases
-    (not on the 3-mode mixture with VP), and DDIM at every budget; with chapter 8's learned digits model, better at 5 NFE and level at 10.
-    A range that cuts the high noise further suits exact scores and hurts learned ones (chapter
-    8: ``[0.002, 7]`` nearly triples the digits model's Frechet distance at 20 NFE). From 15
-    steps on, with the short range, 3M stays off the floor up to 50 NFE on sub-VP and VE.
+    A short grid's steps are 0.7 units of ``lambda`` long or more, and its ends are left to the
+    sparse tails and the first-order last step, which jumps from about 0.03 to ``eps`` and lands
+    near ``D``: narrower than the data (a component of std ``s`` by about ``s^2/(s^2 + 0.03^2)``),
+    which takes back the excess spread of the coarse steps before it (a cancellation; chapter 8).
+    Measured with exact scores (``samplers_vs_nfe.py --ablation``): at 10 NFE ``[0.03, 60]`` was
+    closer to the floor than ``[0.01, 80]`` in seven of eight cases (not on the 3-mode mixture
+    with VP), and DDIM at every budget; with chapter 8's learned digits model, better at 5 NFE and
+    level at 10. A range that cuts the high noise further suits exact scores and hurts learned
+    ones (chapter 8: ``[0.002, 7]`` nearly triples the digits model's Frechet distance at 20
+    NFE). From 15 steps on, with the short range, 3M stays off the floor up to 50 NFE on sub-VP
+    and VE.
     """
     sigma_min, sigma_max = (0.03, 60.0) if n_steps < _SHORT_GRID else (0.002, 80.0)
     return lambda_time_grid(sde, n_steps, eps, sigma_min=sigma_min, sigma_max=sigma_max, dtype=dtype)

@@ -102,7 +102,7 @@ def test_default_grid_range(n_steps, sigma_min, sigma_max):
 
 def test_short_grid_range_beats_the_wider_one_at_10_steps():
     """With 10 steps, the uniform part on [0.03, 60] instead of [0.01, 80] brings every SDE closer to
-    the exact solution on the narrow-mode mixture and cuts its log-density error to under a third."""
+    the exact solution on the narrow-mode mixture and cuts its log-density error to under 40%."""
     mix = GaussianMixture([[-0.8, -0.4], [0.8, -0.4], [0.0, 1.6]], [0.35, 0.35, 0.05], [0.45, 0.45, 0.1])
     for name, make in SDES.items():
         sde = make()
