@@ -153,6 +153,15 @@ def measure(run: Run, sf, sde, n: int, nfe: int, seeds: int, meas: ExactMeasures
     return summary(vals), float(np.mean(nfes))
 
 
+def at_floor_from(results):
+    """``results``: ``(nfe used, at the floor on all three measures)`` from the smallest budget up.
+    The NFE from which every later budget is at the floor (one off it starts the count again), or None."""
+    first = None
+    for used, ok in results:
+        first = (first or used) if ok else None
+    return first
+
+
 def fmt_cell(mean, se, floor_ed, ok) -> str:
     if not np.isfinite(mean[2]):
         return "diverged"
@@ -196,30 +205,26 @@ def main() -> None:
             print(f"### {mname}, {sname}: energy distance / E|X - X'|/n at each NFE budget (✓: all three measures at the floor)\n")
             print("| sampler | " + " | ".join(str(c) for c in cols) + " | at floor from NFE |")
             print("| --- | " + " | ".join("---:" for _ in cols) + " | ---: |")
-            rows = []
             for name, budgets, run in samplers:
-                cells, first = {}, None
+                cells, results = {}, []
                 for nfe in budgets:
                     (mean, se), used = measure(run, sf, sde, n, nfe, seeds, meas)
                     ok = at_floor(mean, se, fl_mean, fl_se, ed_floor)
                     cells[nfe] = fmt_cell(mean, se, ed_floor, ok)
-                    if not all(ok):  # a budget off the floor: the run of budgets at it starts again
-                        first = None
-                    elif first is None:
-                        first = int(used)
+                    results.append((int(used), all(ok)))
                     if nfe in (10, 20):
                         detail.append((name, int(used), mean, se, ok))
-                rows.append((name, cells, first))
+                first = at_floor_from(results)
                 print(f"| {name} | " + " | ".join(cells.get(c, "") for c in cols) + f" | {first or '-'} |", flush=True)
                 summary_rows.setdefault(name, {})[f"{mname}, {sname}"] = str(first or f"> {max(budgets)}")
             if not args.ablation:  # the adaptive solver: NFE follows from the tolerance
-                key, rk, first = f"{mname}, {sname}", [], None
+                key, rk, results = f"{mname}, {sname}", [], []
                 for name, tol, run in rk45_runs():  # tolerances from loose to tight
                     (mean, se), used = measure(run, sf, sde, n, 0, seeds, meas)
                     ok = at_floor(mean, se, fl_mean, fl_se, ed_floor)
                     rk.append(f"{tol:g}: {used:.0f} NFE, {fmt_cell(mean, se, ed_floor, ok)}")
-                    first = (first or f"{used:.0f}") if all(ok) else None
-                summary_rows.setdefault(name, {})[key] = first or "> tol 1e-4"
+                    results.append((f"{used:.0f}", all(ok)))
+                summary_rows.setdefault(name, {})[key] = at_floor_from(results) or "> tol 1e-4"
                 print(f"\nRK45 (ode_sample), rtol = atol = " + "; ".join(rk))
             print(f"\n{mname}, {sname}: the three measures at 10 and 20 NFE (mean ± standard error; ✓ at the floor)\n")
             print("| sampler | NFE | " + " | ".join(MEASURES) + " |")
