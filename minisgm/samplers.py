@@ -38,6 +38,8 @@ ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _SHORT_GRID = 15
 """Below this many steps the fast samplers' default grid spans [0.03, 60], not [0.002, 80], and the
 multistep solver takes a first-order last step across that grid's tail (measured together)."""
+_THIRD_ORDER_NSR = 3.0
+"""DPM-Solver++'s default multistep form takes third-order steps only from ``sigma/alpha`` at most this."""
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -609,8 +611,17 @@ def dpm_solver_orders(nfe: int, order: int = 3) -> List[int]:
     return [1] * nfe
 
 
-def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool) -> List[int]:
-    if order is None:  # the default: third order, second order on grids of fewer than 10 steps
+def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool,
+                   nsr: Optional[Sequence[float]] = None) -> List[int]:
+    """Per-step orders. The default (``order=None``): second order on grids of fewer than 10 steps,
+    third order from 10 steps on, except that the multistep form takes second-order steps where a
+    step starts above ``_THIRD_ORDER_NSR`` in ``sigma/alpha`` (``nsr``: one per grid time, of the
+    default grid or of ``ts``)."""
+    if order is None and multistep and n_steps >= 10 and nsr is not None:
+        order = [3 if nsr[i] <= _THIRD_ORDER_NSR else 2 for i in range(n_steps)]
+        if lower_order_final and n_steps < _SHORT_GRID:  # a first-order (DDIM) last step
+            order[-1] = 1
+    elif order is None:
         order = 3 if n_steps >= 10 else 2
     if isinstance(order, int) and not isinstance(order, bool):
         orders = [check_choice("order", order, (1, 2, 3))] * n_steps
@@ -737,7 +748,8 @@ def dpm_solver_sample(
     """DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095): exponential integrators in the data prediction.
 
     The variation-of-constants formula (see the fast-samplers comment) with ``D`` a polynomial in
-    ``lambda``: order 1 is DDIM; ``order=None`` is 3 from 10 steps on, 2 below; a sequence gives
+    ``lambda``: order 1 is DDIM; ``order=None`` is 2 below 10 steps and, from 10 steps on, 3 where a
+    step starts at ``sigma/alpha <= 3`` and 2 above (multistep; single-step: 3); a sequence gives
     per-step orders, used as given (e.g. :func:`dpm_solver_orders`). ``multistep=True`` reuses the
     ``D`` of previous steps (2M: Algorithm 2; 3M: the quadratic through three), from order 1 up,
     ``nfe = n_steps``; ``multistep=False`` takes stages inside each step (2S: Algorithm 1,
@@ -747,18 +759,22 @@ def dpm_solver_sample(
     fitted to the shorter steps before overshoots while ``D`` barely changes. ``denoise`` adds a
     final ``x0_hat(x_N, t_N)`` (+1 NFE).
 
-    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): multistep;
-    3M from 10 steps (the best form at 10-50 NFE), 2M below (3M overshoots on a short grid's long
-    steps); the grid uniform in ``lambda`` on EDM's ``[0.002, 80]``, ``[0.03, 60]`` below 15 steps
-    (:func:`lambda_time_grid`; the ends of the range are not worth one of ten steps; EDM's
-    and a uniform ``t`` grid were several times worse); no final denoising (no better). On the
-    briefly trained models of ``benchmarks/grid_tradeoff.py`` 2M (``order=2``) is closer to each
-    model's own ODE solution than 3M at 10-30 NFE; exact scores are the limit the defaults follow.
-    Book: :ref:`sec-fast-dpm-solver`.
+    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``) and learned
+    ones (``benchmarks/grid_tradeoff.py``): multistep; 2M below 10 steps (3M overshoots on a short
+    grid's long steps); from 10 steps third order only below ``sigma/alpha = 3``: a learned ``D``'s
+    error is its error in ``eps_hat`` times ``sigma/alpha``, and 3M's quadratic extrapolation passes
+    on about twice what 2M's linear one does (sum of the weights' magnitudes, 3.9 against 2.0 at
+    ``h = 0.45``), while with exact scores ``D`` is nearly constant up there and the third order
+    buys nothing (at the exact floor no later than 3M throughout; closer than 3M to four learned
+    models' own ODE solutions at 10-20 NFE). The grid uniform in ``lambda`` on EDM's ``[0.002, 80]``,
+    ``[0.03, 60]`` below 15 steps (:func:`lambda_time_grid`; the ends of the range are not worth
+    one of ten steps; EDM's and a uniform ``t`` grid were several times worse); no final denoising
+    (no better). Book: :ref:`sec-fast-dpm-solver`.
     """
     grid = _fast_grid(sde, n_steps, eps, ts, _default_lambda_grid)
-    orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final)
     alpha, sigma = _marginals(sde, grid)
+    nsr = [s / a for a, s in zip(alpha, sigma)]
+    orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final, nsr)
     lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
     score = CountedScore(score_fn)
     D = _data_prediction(score, sde)
