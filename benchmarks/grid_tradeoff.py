@@ -1,11 +1,13 @@
 """Exact scores against learned ones: what a time grid or solver order buys each, at 10 to 30 NFE.
 
-DPM-Solver++'s default grid and order were chosen on exact scores (``samplers_vs_nfe.py``), where the
-only error is the solver's. This script puts the same choices in front of learned models, where
-the network's error enters too, and prints both side by side. Rows: the default (3M, ``lambda``
-uniform on ``sigma/alpha`` in ``[0.002, 80]`` from 15 steps, ``[0.03, 60]`` below), the default
-grid with 2M, and three fixed ranges for every budget: ``[0.002, 7]`` and ``[0.002, 10]`` (skip the
-high noise) and ``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR
+DPM-Solver++'s default grid was chosen on exact scores (``samplers_vs_nfe.py``), where the only
+error is the solver's, and its default order on both. This script puts the same choices in front of
+learned models, where the network's error enters too, and prints both side by side. Rows: the
+default (``lambda`` uniform on ``sigma/alpha`` in ``[0.002, 80]`` from 15 steps, ``[0.03, 60]``
+below; from 10 steps third-order multistep steps where a step starts at ``sigma/alpha <= 3``,
+second order above), the default grid with 3M and with 2M throughout, and three fixed ranges for
+every budget: ``[0.002, 7]`` and ``[0.002, 10]`` (skip the high noise) and
+``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR
 grid; for VE, whose ``sigma(T) = 50``, the same as the default from 15 steps).
 
 - Exact scores (both mixtures of ``exact_measures``; VP, sub-VP, VE; 4000 samples, 8 seeds): how
@@ -48,7 +50,8 @@ def fixed_range(sigma_min: float, sigma_max: Optional[float]) -> Grid:
 
 
 ROWS: Dict[str, Tuple[Grid, Optional[int]]] = {  # name: (grid or None for the default, order)
-    "default (3M; [0.03, 60] below 15 steps, [0.002, 80] from 15)": (None, None),
+    "default (from 10 steps 3M below sigma/alpha = 3, 2M above)": (None, None),
+    "default grid, 3M": (None, 3),
     "default grid, 2M": (None, 2),
     "[0.002, 7] (skips the high noise)": (fixed_range(0.002, 7.0), None),
     "[0.002, 10]": (fixed_range(0.002, 10.0), None),

@@ -101,8 +101,10 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         "uniform t": lambda sde, n: S.time_grid(sde, n, dtype=F64),
     }
     b = (5, 10, 15, 20, 25, 35)
-    out = [("DPM-Solver++ default (2M below 10 steps, 3M from 10; [0.03, 60] below 15 steps)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
-        sf, sde, sh, nfe, generator=g, dtype=F64))]
+    out = [("DPM-Solver++ default (2M below 10 steps; from 10, 3M below sigma/alpha = 3 and 2M above; [0.03, 60] below 15 steps)",
+            b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
+           ("3M throughout on the default grid", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+               sf, sde, sh, nfe, order=3, generator=g, dtype=F64))]
     for gname, gf in grids.items():
         out.append((f"3M, {gname}", b, lambda sf, sde, sh, nfe, g, gf=gf: S.dpm_solver_sample(
             sf, sde, sh, nfe, order=3, ts=gf(sde, nfe), generator=g, dtype=F64)))
