@@ -617,14 +617,13 @@ def _solver_orders(order, n_steps: int, multistep: bool, lower_order_final: bool
     third order from 10 steps on, except that the multistep form takes second-order steps where a
     step starts above ``_THIRD_ORDER_NSR`` in ``sigma/alpha`` (``nsr``: one per grid time, of the
     default grid or of ``ts``)."""
-    if order is None and multistep and n_steps >= 10 and nsr is not None:
-        order = [3 if nsr[i] <= _THIRD_ORDER_NSR else 2 for i in range(n_steps)]
-        if lower_order_final and n_steps < _SHORT_GRID:  # a first-order (DDIM) last step
-            order[-1] = 1
-    elif order is None:
+    default = order is None
+    if default:
         order = 3 if n_steps >= 10 else 2
     if isinstance(order, int) and not isinstance(order, bool):
         orders = [check_choice("order", order, (1, 2, 3))] * n_steps
+        if default and multistep and nsr is not None:  # second order where a learned D errs most
+            orders = [2 if v > _THIRD_ORDER_NSR else k for k, v in zip(orders, nsr)]
         if lower_order_final and n_steps < 10:  # at most order j + 1 in the j-th step from the end
             orders = [min(k, n_steps - i) for i, k in enumerate(orders)]
         elif lower_order_final and multistep and n_steps < _SHORT_GRID:  # a first-order (DDIM) last step

@@ -120,7 +120,6 @@ def test_short_grid_range_beats_the_wider_one_at_10_steps():
         assert abs(err["default"][1]) < 0.4 * abs(err["wider"][1]), (name, err)
 
 
-
 @pytest.mark.parametrize("n_steps", [9, 10, 14, 20, 40])
 @pytest.mark.parametrize("sde_name", ["VE", "VP"])
 def test_default_order_is_second_above_noise_to_signal_3(references, sde_name, n_steps):
