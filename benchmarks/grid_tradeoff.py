@@ -1,14 +1,16 @@
-"""Exact scores against learned ones: what a time grid or solver order buys each, at 10 to 30 NFE.
+"""Exact scores against learned ones: what a time grid, solver order or corrector buys each, at 10 to 30 NFE.
 
 DPM-Solver++'s default grid was chosen on exact scores (``samplers_vs_nfe.py``), where the only
-error is the solver's, and its default order on both. This script puts the same choices in front of
-learned models, where the network's error enters too, and prints both side by side. Rows: the
-default (``lambda`` uniform on ``sigma/alpha`` in ``[0.002, 80]`` from 15 steps, ``[0.03, 60]``
-below; from 10 steps third-order multistep steps where a step starts at ``sigma/alpha <= 3``,
-second order above), the default grid with 3M and with 2M throughout, and three fixed ranges for
-every budget: ``[0.002, 7]`` and ``[0.002, 10]`` (skip the high noise) and
-``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR
-grid; for VE, whose ``sigma(T) = 50``, the same as the default from 15 steps).
+error is the solver's, and its default order and corrector on both. This script puts the same
+choices in front of learned models, where the network's error enters too, and prints both side by
+side. Rows: the default (``lambda`` uniform on ``sigma/alpha`` in ``[0.002, 80]`` from 15 steps,
+``[0.03, 60]`` below; from 10 steps third-order multistep steps where a step starts at
+``sigma/alpha <= 3``, second order above; the UniPC-style corrector from 20 steps), the default
+without the corrector and with it at every budget, the default grid with 3M and with 2M throughout
+(no corrector), and fixed ranges for every budget: ``[0.002, 7]`` and ``[0.002, 10]`` (skip the
+high noise; without the corrector, the recipe for exact scores, and ``[0.002, 7]`` with it) and
+``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR grid, with the
+default corrector; for VE, whose ``sigma(T) = 50``, the same as the default from 15 steps).
 
 - Exact scores (both mixtures of ``exact_measures``; VP, sub-VP, VE; 4000 samples, 8 seeds): how
   many of the six cases are at the true-sample floor on all three measures, and the largest
@@ -49,13 +51,16 @@ def fixed_range(sigma_min: float, sigma_max: Optional[float]) -> Grid:
     return lambda sde, n: S.lambda_time_grid(sde, n, sigma_min=sigma_min, sigma_max=sigma_max, dtype=F64)
 
 
-ROWS: Dict[str, Tuple[Grid, Optional[int]]] = {  # name: (grid or None for the default, order)
-    "default (from 10 steps 3M below sigma/alpha = 3, 2M above)": (None, None),
-    "default grid, 3M": (None, 3),
-    "default grid, 2M": (None, 2),
-    "[0.002, 7] (skips the high noise)": (fixed_range(0.002, 7.0), None),
-    "[0.002, 10]": (fixed_range(0.002, 10.0), None),
-    "[0.002, sigma(T)] (the whole upper range)": (fixed_range(0.002, None), None),
+ROWS: Dict[str, Tuple[Grid, Optional[int], Optional[bool]]] = {  # name: (grid or None for the default, order, corrector)
+    "default (from 10 steps 3M below sigma/alpha = 3, 2M above; corrector from 20)": (None, None, None),
+    "default without the corrector": (None, None, False),
+    "default with the corrector at every N": (None, None, True),
+    "default grid, 3M": (None, 3, False),
+    "default grid, 2M": (None, 2, False),
+    "[0.002, 7] (skips the high noise), no corrector": (fixed_range(0.002, 7.0), None, False),
+    "[0.002, 7] with the corrector from 20": (fixed_range(0.002, 7.0), None, None),
+    "[0.002, 10], no corrector": (fixed_range(0.002, 10.0), None, False),
+    "[0.002, sigma(T)] (the whole upper range)": (fixed_range(0.002, None), None, None),
 }
 
 
@@ -64,10 +69,10 @@ def gen(seed: int) -> torch.Generator:
 
 
 def solve(score, sde: SDE, x_T: torch.Tensor, nfe: int, row: str) -> torch.Tensor:
-    grid, order = ROWS[row]
+    grid, order, corrector = ROWS[row]
     ts = None if grid is None else grid(sde, nfe)
     with torch.no_grad():
-        return S.dpm_solver_sample(score, sde, x_T.shape, nfe, ts=ts, order=order, x_init=x_T)[0]
+        return S.dpm_solver_sample(score, sde, x_T.shape, nfe, ts=ts, order=order, corrector=corrector, x_init=x_T)[0]
 
 
 def exact_table(seeds: int = 8, n: int = 4000) -> None:

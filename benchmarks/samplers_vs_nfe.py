@@ -14,7 +14,7 @@ all three measures at every larger budget it runs (a budget at the floor followe
 an error that cancels by chance, does not count).
 
 ``--ablation`` measures instead the low-NFE details of the fast samplers (grid, order and form,
-last step, lower-order final steps, stochastic churn, VE's ``exact_variance``), 4 seeds.
+the corrector, last step, lower-order final steps, stochastic churn, VE's ``exact_variance``), 4 seeds.
 
     python benchmarks/samplers_vs_nfe.py [--ablation] [--n 4000] [--seeds 8]
 
@@ -51,11 +51,15 @@ def main_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         ("Heun in t (heun_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.heun_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
         ("DDIM (ddim_sample)", BUDGETS + SLOW[:2], lambda sf, sde, sh, nfe, g: S.ddim_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
         ("DPM-Solver++ (dpm_solver_sample)", BUDGETS + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
+        # the default before the corrector (UniPC-style, from 20 steps): the same below 20 NFE
+        ("DPM-Solver++ without the corrector", BUDGETS[3:] + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, corrector=False, generator=g, dtype=F64)),
         ("EDM Heun (edm_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
-        # not a default: a grid that skips the high noise, which only exact scores can afford
-        # (chapter 8, "A grid for exact scores only": it nearly triples a learned model's error)
-        ("DPM-Solver++, lambda on [0.002, 7] (exact scores only)", BUDGETS[2:], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
-            sf, sde, sh, nfe, ts=S.lambda_time_grid(sde, nfe, sigma_min=0.002, sigma_max=7.0, dtype=F64), generator=g, dtype=F64)),
+        # not a default: a grid that skips the high noise, without the corrector, which only exact scores
+        # can afford (chapter 8, "A grid for exact scores only": it nearly triples a learned model's error)
+        ("DPM-Solver++, lambda on [0.002, 7], no corrector (exact scores only)", BUDGETS[2:], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, ts=S.lambda_time_grid(sde, nfe, sigma_min=0.002, sigma_max=7.0, dtype=F64), corrector=False,
+            generator=g, dtype=F64)),
         # not a default either: the whole upper range (DPM-Solver's own grid), closer on learned models from
         # 15 NFE (grid_tradeoff.py); for VE (sigma(T) = 50) it is the default grid from 15 steps
         ("DPM-Solver++, lambda on [0.002, sigma(T)] (the whole upper range)", BUDGETS[2:], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
@@ -105,8 +109,12 @@ def ablation_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         "uniform t": lambda sde, n: S.time_grid(sde, n, dtype=F64),
     }
     b = (5, 10, 15, 20, 25, 35)
-    out = [("DPM-Solver++ default (2M below 10 steps; from 10, 3M below sigma/alpha = 3 and 2M above; [0.03, 60] below 15 steps)",
-            b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
+    out = [("DPM-Solver++ default (2M below 10 steps; from 10, 3M below sigma/alpha = 3 and 2M above; [0.03, 60] below 15 steps; "
+            "corrector from 20)", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
+           ("default without the corrector", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+               sf, sde, sh, nfe, corrector=False, generator=g, dtype=F64)),
+           ("default with the corrector at every N", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+               sf, sde, sh, nfe, corrector=True, generator=g, dtype=F64)),
            ("3M throughout on the default grid", b, lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
                sf, sde, sh, nfe, order=3, generator=g, dtype=F64))]
     for gname, gf in grids.items():

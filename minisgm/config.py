@@ -114,7 +114,7 @@ class TrainConfig:
 class SampleConfig:
     """Sample grids written during training (and the defaults of ``python -m minisgm.sample``)."""
 
-    sampler: str = "em"  # em (Euler-Maruyama), pc (predictor-corrector), ode (adaptive RK45), heun, ddim, dpm_solver (3M), edm (Heun in sigma)
+    sampler: str = "em"  # em (Euler-Maruyama), pc (predictor-corrector), ode (adaptive RK45), heun, ddim, dpm_solver (DPM-Solver++ with its defaults), edm (Heun in sigma)
     n_steps: int = 200  # discretisation steps of the reverse SDE / ODE
     n_samples: int = 64  # images in a grid (points in a 2-D scatter)
     snr: float = 0.16  # PC sampler: signal-to-noise ratio of the Langevin corrector

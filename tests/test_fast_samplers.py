@@ -39,6 +39,11 @@ SOLVERS = {  # name: (call, expected order, NFE per step)
     "dpm_3m": (lambda sf, sde, n, x: S.dpm_solver_sample(sf, sde, x.shape, n, order=3, x_init=x), 3),
     "dpm_3s": (lambda sf, sde, n, x: S.dpm_solver_sample(sf, sde, x.shape, n, order=3, multistep=False,
                                                          lower_order_final=False, x_init=x), 3),
+    # the corrector (UniPC's UniC) raises a multistep method's order by one
+    "dpm_1m_corrected": (lambda sf, sde, n, x: S.dpm_solver_sample(sf, sde, x.shape, n, order=1, corrector=True,
+                                                                   x_init=x), 2),
+    "dpm_2m_corrected": (lambda sf, sde, n, x: S.dpm_solver_sample(sf, sde, x.shape, n, order=2, corrector=True,
+                                                                   x_init=x), 3),
 }
 
 
@@ -124,7 +129,8 @@ def test_short_grid_range_beats_the_wider_one_at_10_steps():
 @pytest.mark.parametrize("sde_name", ["VE", "VP"])
 def test_default_order_is_second_above_noise_to_signal_3(references, sde_name, n_steps):
     """The default multistep orders: 2M below 10 steps; from 10 steps, third order where the step
-    starts at sigma/alpha <= 3 and second order above (first-order last step below 15 steps)."""
+    starts at sigma/alpha <= 3 and second order above (first-order last step below 15 steps); with
+    the corrector from 20 steps."""
     sde, sf, x_T, _ = references[sde_name]
     x, _ = S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, x_init=x_T)
     ts = S.lambda_time_grid(sde, n_steps, sigma_min=0.03 if n_steps < 15 else 0.002,
@@ -138,8 +144,47 @@ def test_default_order_is_second_above_noise_to_signal_3(references, sde_name, n
         if n_steps < 15:
             orders[-1] = 1
     assert 2 in orders[2:] and (n_steps < 10 or 3 in orders)  # both orders occur
-    y, _ = S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, order=orders, x_init=x_T)
+    y, _ = S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, order=orders, corrector=n_steps >= 20, x_init=x_T)
     torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_steps, on", [(10, False), (19, False), (20, True), (40, True)])
+def test_corrector_is_part_of_the_default_from_20_steps(references, n_steps, on):
+    """``corrector=None``: on from 20 steps with the default order; an explicit order is
+    DPM-Solver++ as published (uncorrected) unless ``corrector=True``."""
+    sde, sf, x_T, _ = references["VP"]
+    run = lambda **kw: S.dpm_solver_sample(sf, sde, x_T.shape, n_steps, x_init=x_T, **kw)[0]  # noqa: E731
+    torch.testing.assert_close(run(), run(corrector=on), rtol=0, atol=0)
+    assert not torch.equal(run(), run(corrector=not on))
+    torch.testing.assert_close(run(order=3), run(order=3, corrector=False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_corrector_brings_40_steps_closer_to_the_exact_solution(references, sde_name):
+    """With exact scores the corrected default is several times closer to a tight ODE solution at
+    40 steps (measured: 0.20 to 0.29 times the uncorrected error), at the same NFE."""
+    sde, sf, x_T, ref = references[sde_name]
+    err, nfe = {}, {}
+    for corrector in (False, True):
+        x, nfe[corrector] = S.dpm_solver_sample(sf, sde, x_T.shape, 40, corrector=corrector, x_init=x_T)
+        err[corrector] = float((x - ref).norm(dim=1).mean())
+    assert nfe[True] == nfe[False] == 40
+    assert err[True] < 0.4 * err[False], err
+
+
+def test_exponential_weights_integrate_polynomials_exactly():
+    """The corrector's weights: the variation-of-constants integral of the interpolating polynomial,
+    equal to 3M's weights on 3M's nodes and exact for a cubic on four nodes."""
+    from scipy.integrate import quad
+
+    h, h1, h2 = 0.45, 0.5, 0.55
+    torch.testing.assert_close(torch.tensor(S._exponential_weights([0.0, -h1, -h1 - h2], h)),
+                               torch.tensor(S._multistep_weights(3, h, h1, h2)), rtol=1e-13, atol=1e-15)
+    nodes = [h, 0.0, -h1, -h1 - h2]
+    p = lambda tau: 0.3 - 1.2 * tau + 0.7 * tau**2 + 2.0 * tau**3  # noqa: E731
+    exact = quad(lambda tau: math.exp(tau - h) * p(tau), 0.0, h, epsabs=1e-15, epsrel=1e-14)[0]
+    got = sum(w * p(v) for w, v in zip(S._exponential_weights(nodes, h), nodes))
+    assert abs(got - exact) < 1e-14, (got, exact)
 
 
 def test_default_order_beats_3m_on_a_learned_score():
@@ -163,10 +208,13 @@ def test_default_order_beats_3m_on_a_learned_score():
     with torch.no_grad():
         ref, _ = S.ode_sample(score, sde, x_T.shape, x_init=x_T, rtol=1e-6, atol=1e-6)
         for n in (10, 20):
-            err = {order: float((S.dpm_solver_sample(score, sde, x_T.shape, n, order=order, x_init=x_T)[0]
-                                 - ref).norm(dim=1).mean()) for order in (None, 3)}
+            err = {order: float((S.dpm_solver_sample(score, sde, x_T.shape, n, order=order, corrector=False,
+                                                     x_init=x_T)[0] - ref).norm(dim=1).mean()) for order in (None, 3)}
             # measured (2000 draws): 0.090 against 0.137 at 10 steps, 0.032 against 0.049 at 20
             assert err[None] < 0.8 * err[3], (n, err)
+        # and the corrector, the default from 20 steps: measured 0.022 against 0.032 at 20 steps
+        corrected = float((S.dpm_solver_sample(score, sde, x_T.shape, 20, x_init=x_T)[0] - ref).norm(dim=1).mean())
+        assert corrected < 0.8 * err[None], (corrected, err)
 
 
 # ----- DDIM = Euler in (x / alpha, sigma / alpha) = DPM-Solver++ of order 1 -------------------
@@ -270,6 +318,8 @@ def test_wrong_score_is_detected(reference_samples):
     (lambda sf, sde: S.ddim_sample(sf, sde, (8, 2), 7, denoise=True), 8),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 7), 7),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 7, denoise=True), 8),
+    (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 7, corrector=True), 7),
+    (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 20), 20),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 4, order=3, multistep=False, lower_order_final=False), 12),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 4, order=3, multistep=False), 3 + 3 + 2 + 1),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (8, 2), 10, order=3, multistep=False), 30),
@@ -348,6 +398,8 @@ def test_callback_sees_every_step(f):
     (lambda sf, sde: S.ddim_sample(sf, sde, (4, 2), 5, eta=-0.1), "eta"),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (4, 2), 5, order=4), "order"),
     (lambda sf, sde: S.dpm_solver_sample(sf, sde, (4, 2), 5, order=[3, 3]), "n_steps=5"),
+    (lambda sf, sde: S.dpm_solver_sample(sf, sde, (4, 2), 5, corrector=True, multistep=False), "corrector"),
+    (lambda sf, sde: S.dpm_solver_sample(sf, sde, (4, 2), 5, corrector="yes"), "corrector"),
     (lambda sf, sde: S.edm_sample(sf, sde, (4, 2), 5, order=3), "order"),
     (lambda sf, sde: S.edm_sample(sf, sde, (4, 2), 5, S_churn=-1.0), "S_churn"),
     (lambda sf, sde: S.edm_sample(sf, sde, (4, 2), 5, S_tmin=2.0, S_tmax=1.0), "S_tmin"),
@@ -370,6 +422,7 @@ HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist")
     ("ddim", lambda sf, sde, n, g: S.ddim_sample(sf, sde, (8, 2), n, eta=0.5, generator=g)),
     ("dpm_3m", lambda sf, sde, n, g: S.dpm_solver_sample(sf, sde, (8, 2), n, generator=g)),
     ("dpm_3s", lambda sf, sde, n, g: S.dpm_solver_sample(sf, sde, (8, 2), n, multistep=False, generator=g)),
+    ("dpm_corrected", lambda sf, sde, n, g: S.dpm_solver_sample(sf, sde, (8, 2), n, corrector=True, generator=g)),
     ("edm", lambda sf, sde, n, g: S.edm_sample(sf, sde, (8, 2), n, S_churn=5.0, generator=g)),
 ])
 def test_no_host_reads_in_the_loop(monkeypatch, name, f):
