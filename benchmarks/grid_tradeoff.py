@@ -23,7 +23,7 @@ default corrector; for VE, whose ``sigma(T) = 50``, the same as the default from
 
     python benchmarks/grid_tradeoff.py
 
-About 4 min of one core.
+About 6 min of one core.
 """
 
 from __future__ import annotations
