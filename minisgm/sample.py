@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.n_steps; "
                    "for ode, a bound on the adaptive solver's steps; heun and edm evaluate the model twice per step)")
     p.add_argument("--snr", type=float, default=None, help="PC corrector signal-to-noise ratio")
+    p.add_argument("--corrector", choices=["on", "off"], default=None,
+                   help="dpm_solver: UniPC's corrector (default: on from 20 steps); worth trying on below 20")
     p.add_argument("--batch-size", type=int, default=0, help="samples per sampler call (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="label", type=int, default=None, help="class label for conditional runs (default: cycle 0..K-1)")
@@ -78,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.label is not None:
         p.error("--class needs a class-conditional run (data.class_conditional)")
     options = {"snr": args.snr} if args.snr is not None and sampler == "pc" else {}
+    if args.corrector is not None:
+        if sampler != "dpm_solver":
+            p.error(f"--corrector is an option of --sampler dpm_solver, not {sampler}")
+        options["corrector"] = args.corrector == "on"
     bs = args.batch_size or args.n
     bar = None if args.no_progress or sampler == "ode" else _progress_bar(-(-args.n // bs) * n_steps, f"{sampler} sampling")
     t0 = time.perf_counter()

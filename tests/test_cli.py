@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_module
 from minisgm import samplers
-from minisgm.build import SAMPLERS, generate, load_run
+from minisgm.build import SAMPLERS, generate, load_run, to_unit_range
 from minisgm.config import SAMPLER_NAMES
 from minisgm.evaluate import main as evaluate_main
 from minisgm.images import grid_image
@@ -43,6 +43,25 @@ def test_cli_names_map_to_the_package_samplers(tiny_digits_run, name, fn):
     ref, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, ref)
     assert set(SAMPLERS) == {"em", "pc", "ode", "heun", "ddim", "dpm_solver", "edm"} == set(SAMPLER_NAMES)
+
+
+def test_sample_cli_corrector_option(tiny_digits_run, tmp_path, capsys):
+    # --corrector reaches dpm_solver_sample: the same numbers as calling it with corrector=...
+    model, cfg, sde, _ = load_run(tiny_digits_run)
+    score = lambda x, t: model(x, t)  # noqa: E731
+    for flag in ("on", "off"):
+        out = tmp_path / f"{flag}.npz"
+        assert sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "dpm_solver", "--n", "3", "--steps", "6",
+                            "--corrector", flag, "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+        ref, nfe = samplers.dpm_solver_sample(score, sde, (3, 1, 8, 8), 6, corrector=flag == "on",
+                                              generator=torch.Generator().manual_seed(0))
+        z = np.load(out)
+        assert int(z["nfe"]) == nfe == 6
+        assert np.allclose(z["samples"], to_unit_range(ref, cfg.data).clamp(0, 1).numpy(), atol=1e-6)
+    assert not np.array_equal(np.load(tmp_path / "on.npz")["samples"], np.load(tmp_path / "off.npz")["samples"])
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "pc", "--corrector", "on"])
+    assert e.value.code == 2 and "--corrector is an option of --sampler dpm_solver" in capsys.readouterr().err
 
 
 def test_sample_uses_ema_weights_by_default(tiny_digits_run):
