@@ -811,7 +811,7 @@ def dpm_solver_sample(
     buys nothing (at the exact floor no later than 3M throughout; closer than 3M to four learned
     models' own ODE solutions at 10-20 NFE). The corrector from 20 steps: with exact scores at the
     floor at 20 NFE in four of six cases instead of one, several times closer to the exact solution
-    from 40 steps, and closer to three of four learned models' own ODE solutions at 20 and 30 NFE;
+    from 40 steps, and closer to three of four learned models' own ODE solutions at 20 NFE (four at 30);
     on shorter steps (15 steps: 0.6-0.73 in ``lambda``) it was up to 4.7 times further from the exact
     solution, and at 10 NFE it breaks the energy distance's twice-the-floor. The grid uniform in
     ``lambda`` on EDM's ``[0.002, 80]``, ``[0.03, 60]`` below 15 steps (:func:`lambda_time_grid`;
