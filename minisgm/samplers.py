@@ -707,17 +707,19 @@ def _multistep_plan(grid, orders, alpha, sigma, lam, D, correct: bool = False) -
         steps.append((grid[i], alpha[i], sigma[i], sigma[i + 1] / sigma[i], w, fix))
     it = iter(steps)
     history: List[Tensor] = []  # D at the previous grid times, newest first
-    start: List[Tensor] = []  # x at the previous grid time, for the corrector
+    x_start: Optional[Tensor] = None  # x at the previous grid time, kept only for the corrector
 
     def update(x: Tensor, t: float, t_next: float) -> Tuple[Tensor, Tensor]:
+        nonlocal x_start
         t, a, s, ratio, w, fix = next(it)
         history.insert(0, D(x, t, a, s))
         if fix is not None:
-            x = fix[0] * start[0]
+            x = fix[0] * x_start
             for w_j, D_j in zip(fix[1], history):
                 x = x + w_j * D_j
         del history[3:]
-        start[:] = [x]
+        if correct:
+            x_start = x
         x = ratio * x
         for w_j, D_j in zip(w, history):
             x = x + w_j * D_j
