@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.n_steps; "
                    "for ode, a bound on the adaptive solver's steps; heun and edm evaluate the model twice per step)")
-    p.add_argument("--snr", type=float, default=None, help="PC corrector signal-to-noise ratio")
+    p.add_argument("--snr", type=float, default=None, help="pc only: the Langevin corrector's signal-to-noise ratio")
     p.add_argument("--corrector", choices=["on", "off"], default=None,
                    help="dpm_solver: UniPC's corrector (default: on from 20 steps); worth trying on below 20")
     p.add_argument("--batch-size", type=int, default=0, help="samples per sampler call (default: all)")
@@ -79,7 +79,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         y = torch.full((args.n,), args.label, device=device) if args.label is not None else torch.arange(args.n, device=device) % k
     elif args.label is not None:
         p.error("--class needs a class-conditional run (data.class_conditional)")
-    options = {"snr": args.snr} if args.snr is not None and sampler == "pc" else {}
+    options = {}
+    if args.snr is not None:  # an option of one sampler: an error elsewhere, not silently ignored
+        if sampler != "pc":
+            p.error(f"--snr is an option of --sampler pc (its Langevin corrector), not {sampler}")
+        options["snr"] = args.snr
     if args.corrector is not None:
         if sampler != "dpm_solver":
             p.error(f"--corrector is an option of --sampler dpm_solver, not {sampler}")

@@ -45,7 +45,7 @@ def test_cli_names_map_to_the_package_samplers(tiny_digits_run, name, fn):
     assert set(SAMPLERS) == {"em", "pc", "ode", "heun", "ddim", "dpm_solver", "edm"} == set(SAMPLER_NAMES)
 
 
-def test_sample_cli_corrector_option(tiny_digits_run, tmp_path, capsys):
+def test_sample_cli_sampler_options(tiny_digits_run, tmp_path, capsys):
     # --corrector reaches dpm_solver_sample: the same numbers as calling it with corrector=...
     model, cfg, sde, _ = load_run(tiny_digits_run)
     score = lambda x, t: model(x, t)  # noqa: E731
@@ -62,6 +62,14 @@ def test_sample_cli_corrector_option(tiny_digits_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "pc", "--corrector", "on"])
     assert e.value.code == 2 and "--corrector is an option of --sampler dpm_solver" in capsys.readouterr().err
+    out = tmp_path / "pc.npz"  # --snr reaches pc_sample
+    assert sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "pc", "--n", "3", "--steps", "4", "--snr", "0.05",
+                        "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    ref, _ = samplers.pc_sample(score, sde, (3, 1, 8, 8), 4, snr=0.05, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(np.load(out)["samples"], to_unit_range(ref, cfg.data).clamp(0, 1).numpy(), atol=1e-6)
+    with pytest.raises(SystemExit) as e:  # --snr likewise belongs to pc alone
+        sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "dpm_solver", "--snr", "0.1"])
+    assert e.value.code == 2 and "--snr is an option of --sampler pc" in capsys.readouterr().err
 
 
 def test_sample_uses_ema_weights_by_default(tiny_digits_run):
