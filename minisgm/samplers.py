@@ -815,7 +815,8 @@ def dpm_solver_sample(
     buys nothing (at the exact floor no later than 3M throughout; closer than 3M to four learned
     models' own ODE solutions at 10-20 NFE). The corrector from 20 steps: with exact scores at the
     floor at 20 NFE in four of six cases instead of one (on the 3-mode mixture with VE helped by a
-    cancellation: VE's long last step pulls the samples in; ``benchmarks/paired_bias.py``), several
+    cancellation: VE's last step, about 3 units of ``lambda``, extrapolates the corrected history
+    and pulls the samples in; ``benchmarks/paired_bias.py``), several
     times closer to the exact solution
     from 40 steps, and closer to three of four learned models' own ODE solutions at 20 NFE (four at 30);
     on shorter steps (15 steps: 0.6-0.73 in ``lambda``) it was up to 4.7 times further from the exact
