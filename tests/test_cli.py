@@ -218,6 +218,31 @@ def test_evaluate_digits_fd_and_bpd(tiny_digits_run, capsys):
     assert [r["metric"] for r in lines[-2:]] == ["digits_fd", "bpd"] and lines[-1]["step"] == 4
 
 
+def test_evaluate_sampler_options_and_their_scope(tiny_digits_run, capsys):
+    # --corrector reaches the sampler (the same value as evaluate_digits_fd with sampler_options) and the record.
+    from minisgm.evaluate import evaluate_digits_fd
+
+    model, cfg, sde, _ = load_run(tiny_digits_run)
+    values = {}
+    for flag in ("on", "off"):
+        assert evaluate_main(["--ckpt", str(tiny_digits_run), "--metric", "digits_fd", "--n", "30", "--sampler",
+                              "dpm_solver", "--steps", "6", "--corrector", flag, "--no-progress"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        res = json.loads(out[-1])
+        assert res["sampler_options"] == {"corrector": flag == "on"} and f"corrector={flag == 'on'}" in out[-2]
+        values[flag] = res["value"]
+    direct = evaluate_digits_fd(model, cfg, sde, n=30, sampler="dpm_solver", steps=6, sampler_options={"corrector": True})
+    assert values["on"] == pytest.approx(direct["value"], rel=1e-6) and values["on"] != values["off"]
+    # Options of the other kind of metric, or of another sampler, are errors (exit 2), not ignored.
+    for argv, message in [(["--metric", "bpd", "--sampler", "ddim", "--steps", "5"], "--sampler, --steps: not an option of --metric bpd"),
+                          (["--metric", "digits_fd", "--hutchinson", "gaussian"], "--hutchinson: not an option of --metric digits_fd"),
+                          (["--metric", "digits_fd", "--rtol", "1e-3"], "--rtol: not an option"),
+                          (["--metric", "digits_fd", "--sampler", "pc", "--corrector", "on"], "--corrector is an option of --sampler dpm_solver")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(["--ckpt", str(tiny_digits_run), "--n", "2", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_evaluate_rejects_mismatched_metric(tiny_digits_run, capsys):
     assert evaluate_main(["--ckpt", str(tiny_digits_run), "--metric", "fid", "--n", "4"]) == 2
     assert "digits_fd" in capsys.readouterr().err
