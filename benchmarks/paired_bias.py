@@ -97,10 +97,13 @@ def main() -> None:
     torch.set_num_threads(1)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     sdes = {"VP": VPSDE, "sub-VP": SubVPSDE, "VE": VESDE}
+    def steps(sde, n):  # the default grid's steps in lambda
+        return np.diff([math.log(a / s) for a, s in zip(*S._marginals(sde, S._default_lambda_grid(sde, n, dtype=F64).tolist()))])
     print("Last step of the default 20-step grid, in lambda (the others): "
-          + "; ".join(f"{name} {h[-1]:.2f} ({h[-2]:.2f})" for name, make in sdes.items() for sde in [make()]
-                      for lam in [[math.log(a / s) for a, s in zip(*S._marginals(sde, S._default_lambda_grid(sde, 20, dtype=F64).tolist()))]]
-                      for h in [np.diff(lam)]) + "\n")
+          + "; ".join(f"{name} {h[-1]:.2f} ({h[-2]:.2f})" for name, make in sdes.items() for h in [steps(make(), 20)]))
+    print("Last step / the one before, by the number of steps: " + "; ".join(
+        f"{name} " + ", ".join(f"{n}: {h[-1] / h[-2]:.1f}" for n in (15, 20, 25, 30, 35, 38, 39, 40, 45) for h in [steps(make(), n)])
+        for name, make in sdes.items()) + "\n")
     print(f"Paired log-density error mean log p(x) - mean log p(x_ref) in nats (± standard error over {args.seeds} seeds of "
           f"n = {args.n}) and E|x - x_ref|, x_ref: dopri5 at 1e-9 from the same prior draws\n")
     cases = [(m, s) for m in mixtures() for s in sdes]
