@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,8 @@ from .config import TOY_DATASETS, Config, ConfigError, ModelConfig, config_from_
 
 __all__ = ["DatasetInfo", "dataset_info", "to_model_space", "to_unit_range", "load_images",
            "TrainingData", "build_data", "build_sde", "build_model", "score_fn_of", "Run",
-           "load_run", "open_run", "SAMPLERS", "generate", "configure_threads", "resolve_device",
-           "n_classes_of"]
+           "load_run", "open_run", "SAMPLERS", "SAMPLER_OPTIONS", "add_sampler_options", "sampler_options",
+           "generate", "configure_threads", "resolve_device", "n_classes_of"]
 
 
 # ----- Data sets: one table -------------------------------------------------------------------
@@ -334,6 +334,43 @@ SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
 }
 """The sampler names of the config and the command line -> the functions of :mod:`minisgm.samplers`
 (all with the shared signature ``f(score_fn, sde, shape, n_steps, **options) -> (x, nfe)``)."""
+
+
+SAMPLER_OPTIONS = {  # command-line option: (the one sampler it belongs to, its keyword there, help)
+    "snr": ("pc", "snr", "the Langevin corrector's signal-to-noise ratio (> 0; default: the run's sample.snr)"),
+    "corrector": ("dpm_solver", "corrector", "UniPC's corrector, on or off (default: on from 20 steps); worth trying "
+                  "on below 20 with a learned model"),
+    "eta": ("ddim", "eta", "0: deterministic (default), 1: ancestral, between: interpolates (>= 0)"),
+    "churn": ("edm", "S_churn", "EDM's stochastic sampler: S_churn >= 0 (default 0: deterministic Heun)"),
+}
+"""Options of a single sampler on the command lines of ``minisgm.sample`` and ``minisgm.evaluate``."""
+
+
+def add_sampler_options(p) -> None:
+    """Add the :data:`SAMPLER_OPTIONS` to an ``argparse`` parser (each ``None`` unless given)."""
+    for name, (sampler, _, text) in SAMPLER_OPTIONS.items():
+        if name == "corrector":
+            p.add_argument("--corrector", choices=["on", "off"], default=None, help=f"{sampler} only: {text}")
+        else:
+            p.add_argument(f"--{name}", type=float, default=None, help=f"{sampler} only: {text}")
+
+
+def sampler_options(p, args, sampler: str) -> Dict[str, Any]:
+    """The keyword arguments for ``sampler`` from the parsed :data:`SAMPLER_OPTIONS`; an option of
+    another sampler, or a value out of range, is a parser error (exit 2), not silently ignored."""
+    options: Dict[str, Any] = {}
+    for name, (owner, keyword, _) in SAMPLER_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if sampler != owner:
+            p.error(f"--{name} is an option of --sampler {owner}, not {sampler}")
+        if name == "corrector":
+            value = value == "on"
+        elif not (value > 0 if name == "snr" else value >= 0):  # NaN fails both
+            p.error(f"--{name} must be {'> 0' if name == 'snr' else '>= 0'}, got {value}")
+        options[keyword] = value
+    return options
 
 
 @torch.no_grad()

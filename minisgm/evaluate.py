@@ -7,8 +7,9 @@ your own training images. ``fid``: FID of ``--n`` samples against the training s
 classifier's features (:func:`minisgm.digit_features.digits_frechet_distance`) of ``--n`` samples to the
 test digits, next to that of ``n`` real training digits (a perfect model's floor). ``bpd`` takes the ODE
 solver's options (``--rtol``, ``--atol``, ``--hutchinson``), the sample-based metrics the sampler's
-(``--sampler``, ``--steps``, and ``--corrector`` for ``dpm_solver``); the other kind is an error. Each result
-is printed as one line and appended to ``RUN_DIR/eval.jsonl``. Book: :ref:`sec-scaling-up`.
+(``--sampler``, ``--steps`` and one sampler's options, e.g. ``--corrector`` for ``dpm_solver``); the other
+kind is an error. Each result is printed as one line and appended to ``RUN_DIR/eval.jsonl``. Book:
+:ref:`sec-scaling-up`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .build import (SAMPLERS, _progress_bar, data_path, dataset_info, generate, load_images, n_classes_of,
-                    open_run, score_fn_of, to_unit_range)
+from .build import (SAMPLER_OPTIONS, SAMPLERS, _progress_bar, add_sampler_options, data_path, dataset_info, generate,
+                    load_images, n_classes_of, open_run, sampler_options, score_fn_of, to_unit_range)
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .samplers import NonFiniteSampleError
@@ -161,8 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=0, help="samples (fid, digits_fd) or test images (bpd); 0: metric default")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="fid, digits_fd: default the run's sample.sampler")
     p.add_argument("--steps", type=int, default=None, help="fid, digits_fd: sampler steps (default: the run's sample.n_steps)")
-    p.add_argument("--corrector", choices=["on", "off"], default=None,
-                   help="fid, digits_fd with --sampler dpm_solver: UniPC's corrector (default: on from 20 steps)")
+    add_sampler_options(p)  # fid, digits_fd: --snr (pc), --corrector (dpm_solver), --eta (ddim), --churn (edm)
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--hutchinson", default=None, choices=["gaussian", "rademacher"], help="bpd: trace estimator (default: exact)")
     p.add_argument("--rtol", type=float, default=None, help="bpd: ODE solver tolerance (default 1e-5)")
@@ -179,12 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not all(v is None or v > 0 for v in (args.rtol, args.atol)):
         p.error("--rtol and --atol must be positive")
     # Options of the other kind of metric are errors, not silently ignored.
-    sampling, ode = ("sampler", "steps", "corrector"), ("hutchinson", "rtol", "atol")
+    sampling, ode = ("sampler", "steps", *SAMPLER_OPTIONS), ("hutchinson", "rtol", "atol")
     wrong = [name for name in (sampling if args.metric == "bpd" else ode) if getattr(args, name) is not None]
     if wrong:
         opts = ", ".join(f"--{name}" for name in wrong)
         p.error(f"{opts}: not an option of --metric {args.metric} (bpd integrates the probability-flow ODE: "
-                "--rtol, --atol, --hutchinson; fid and digits_fd sample: --sampler, --steps, --corrector)")
+                "--rtol, --atol, --hutchinson; fid and digits_fd sample: --sampler, --steps and its options)")
     try:
         (model, cfg, sde, step), device = open_run(args)
     except (ValueError, CheckpointError) as err:
@@ -194,11 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.data.path = args.data_path
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps or cfg.sample.n_steps
-    options = {}
-    if args.corrector is not None:
-        if sampler != "dpm_solver":
-            p.error(f"--corrector is an option of --sampler dpm_solver, not {sampler}")
-        options["corrector"] = args.corrector == "on"
+    options = sampler_options(p, args, sampler)
     tolerances = {name: getattr(args, name) for name in ("rtol", "atol") if getattr(args, name) is not None}
     t0 = time.perf_counter()
     bar = None

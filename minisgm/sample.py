@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .build import SAMPLERS, _progress_bar, dataset_info, generate, n_classes_of, open_run, to_unit_range
+from .build import (SAMPLERS, _progress_bar, add_sampler_options, dataset_info, generate, n_classes_of, open_run,
+                    sampler_options, to_unit_range)
 from .checkpoint import CheckpointError
 from .images import save_grid, save_scatter
 from .samplers import NonFiniteSampleError
@@ -47,9 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.n_steps; "
                    "for ode, a bound on the adaptive solver's steps; heun and edm evaluate the model twice per step)")
-    p.add_argument("--snr", type=float, default=None, help="pc only: the Langevin corrector's signal-to-noise ratio")
-    p.add_argument("--corrector", choices=["on", "off"], default=None,
-                   help="dpm_solver: UniPC's corrector (default: on from 20 steps); worth trying on below 20")
+    add_sampler_options(p)  # --snr (pc), --corrector (dpm_solver), --eta (ddim), --churn (edm)
     p.add_argument("--batch-size", type=int, default=0, help="samples per sampler call (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="label", type=int, default=None, help="class label for conditional runs (default: cycle 0..K-1)")
@@ -62,8 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("n", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size < 0 or args.threads < 0 or (args.snr is not None and not args.snr > 0):
-        p.error("--batch-size and --threads must be >= 0, --snr > 0")
+    if args.batch_size < 0 or args.threads < 0:
+        p.error("--batch-size and --threads must be >= 0")
     try:
         (model, cfg, sde, step), device = open_run(args)
     except (ValueError, CheckpointError) as err:
@@ -79,15 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         y = torch.full((args.n,), args.label, device=device) if args.label is not None else torch.arange(args.n, device=device) % k
     elif args.label is not None:
         p.error("--class needs a class-conditional run (data.class_conditional)")
-    options = {}
-    if args.snr is not None:  # an option of one sampler: an error elsewhere, not silently ignored
-        if sampler != "pc":
-            p.error(f"--snr is an option of --sampler pc (its Langevin corrector), not {sampler}")
-        options["snr"] = args.snr
-    if args.corrector is not None:
-        if sampler != "dpm_solver":
-            p.error(f"--corrector is an option of --sampler dpm_solver, not {sampler}")
-        options["corrector"] = args.corrector == "on"
+    options = sampler_options(p, args, sampler)
     bs = args.batch_size or args.n
     bar = None if args.no_progress or sampler == "ode" else _progress_bar(-(-args.n // bs) * n_steps, f"{sampler} sampling")
     t0 = time.perf_counter()

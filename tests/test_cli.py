@@ -67,9 +67,24 @@ def test_sample_cli_sampler_options(tiny_digits_run, tmp_path, capsys):
                         "--seed", "0", "--out", str(out), "--no-progress"]) == 0
     ref, _ = samplers.pc_sample(score, sde, (3, 1, 8, 8), 4, snr=0.05, generator=torch.Generator().manual_seed(0))
     assert np.allclose(np.load(out)["samples"], to_unit_range(ref, cfg.data).clamp(0, 1).numpy(), atol=1e-6)
-    with pytest.raises(SystemExit) as e:  # --snr likewise belongs to pc alone
-        sample_main(["--ckpt", str(tiny_digits_run), "--sampler", "dpm_solver", "--snr", "0.1"])
-    assert e.value.code == 2 and "--snr is an option of --sampler pc" in capsys.readouterr().err
+    for sampler, flag, value, fn, kw in [("ddim", "--eta", "1.0", samplers.ddim_sample, {"eta": 1.0}),
+                                         ("edm", "--churn", "2.0", samplers.edm_sample, {"S_churn": 2.0})]:
+        out = tmp_path / f"{sampler}.npz"  # --eta reaches ddim_sample, --churn edm_sample's S_churn
+        assert sample_main(["--ckpt", str(tiny_digits_run), "--sampler", sampler, "--n", "3", "--steps", "4", flag, value,
+                            "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+        ref, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0), **kw)
+        det, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0))
+        expected = to_unit_range(ref, cfg.data).clamp(0, 1).numpy()
+        assert np.allclose(np.load(out)["samples"], expected, atol=1e-6) and not torch.allclose(ref, det)
+    # Each option belongs to one sampler; another sampler or a value out of range is an error (exit 2).
+    for argv, message in [(["--sampler", "dpm_solver", "--snr", "0.1"], "--snr is an option of --sampler pc"),
+                          (["--sampler", "dpm_solver", "--eta", "0.5"], "--eta is an option of --sampler ddim"),
+                          (["--sampler", "ddim", "--churn", "1"], "--churn is an option of --sampler edm"),
+                          (["--sampler", "edm", "--churn", "-1"], "--churn must be >= 0"),
+                          (["--sampler", "pc", "--snr", "0"], "--snr must be > 0")]:
+        with pytest.raises(SystemExit) as e:
+            sample_main(["--ckpt", str(tiny_digits_run), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_sample_uses_ema_weights_by_default(tiny_digits_run):
@@ -237,6 +252,7 @@ def test_evaluate_sampler_options_and_their_scope(tiny_digits_run, capsys):
     for argv, message in [(["--metric", "bpd", "--sampler", "ddim", "--steps", "5"], "--sampler, --steps: not an option of --metric bpd"),
                           (["--metric", "digits_fd", "--hutchinson", "gaussian"], "--hutchinson: not an option of --metric digits_fd"),
                           (["--metric", "digits_fd", "--rtol", "1e-3"], "--rtol: not an option"),
+                          (["--metric", "bpd", "--eta", "1"], "--eta: not an option of --metric bpd"),
                           (["--metric", "digits_fd", "--sampler", "pc", "--corrector", "on"], "--corrector is an option of --sampler dpm_solver")]:
         with pytest.raises(SystemExit) as e:
             evaluate_main(["--ckpt", str(tiny_digits_run), "--n", "2", *argv])
