@@ -3,7 +3,8 @@
 Writes the samples as ``.npz`` (``samples``: float32 ``[N, ...]`` in data space, images in
 ``[0, 1]``; ``labels`` for class-conditional runs; ``nfe``; ``step``) and a PNG grid (a scatter
 plot for 2-D toy data) next to it. EMA weights are used unless ``--no-ema``. The sampler names
-are those of :data:`minisgm.build.SAMPLERS`. Book: :ref:`sec-samplers`.
+are those of :data:`minisgm.build.SAMPLERS`, each sampler's own options (``--snr``, ``--corrector``,
+``--eta``, ``--churn``) those of :data:`minisgm.build.SAMPLER_OPTIONS`. Book: :ref:`sec-samplers`.
 """
 
 from __future__ import annotations
