@@ -336,39 +336,40 @@ SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
 (all with the shared signature ``f(score_fn, sde, shape, n_steps, **options) -> (x, nfe)``)."""
 
 
-SAMPLER_OPTIONS = {  # command-line option: (the one sampler it belongs to, its keyword there, help)
-    "snr": ("pc", "snr", "the Langevin corrector's signal-to-noise ratio (> 0; default: the run's sample.snr)"),
-    "corrector": ("dpm_solver", "corrector", "UniPC's corrector, on or off (default: on from 20 steps); worth trying "
+SAMPLER_OPTIONS = {  # command-line option: (the one sampler it belongs to, its keyword there, its values, help)
+    "snr": ("pc", "snr", "> 0", "the Langevin corrector's signal-to-noise ratio (default: the run's sample.snr)"),
+    "corrector": ("dpm_solver", "corrector", "on|off", "UniPC's corrector (default: on from 20 steps); worth trying "
                   "on below 20 with a learned model"),
-    "eta": ("ddim", "eta", "0: deterministic (default), 1: ancestral, between: interpolates (>= 0)"),
-    "churn": ("edm", "S_churn", "EDM's stochastic sampler: S_churn >= 0 (default 0: deterministic Heun)"),
+    "eta": ("ddim", "eta", ">= 0", "0: deterministic (default), 1: ancestral, between: interpolates"),
+    "churn": ("edm", "S_churn", ">= 0", "EDM's stochastic sampler's S_churn (default 0: deterministic Heun)"),
 }
-"""Options of a single sampler on the command lines of ``minisgm.sample`` and ``minisgm.evaluate``."""
+"""Options of a single sampler on the command lines of ``minisgm.sample`` and ``minisgm.evaluate``;
+values ``on|off`` (a bool), or a number ``> 0`` or ``>= 0``."""
 
 
 def add_sampler_options(p) -> None:
     """Add the :data:`SAMPLER_OPTIONS` to an ``argparse`` parser (each ``None`` unless given)."""
-    for name, (sampler, _, text) in SAMPLER_OPTIONS.items():
-        if name == "corrector":
-            p.add_argument("--corrector", choices=["on", "off"], default=None, help=f"{sampler} only: {text}")
+    for name, (sampler, _, values, text) in SAMPLER_OPTIONS.items():
+        if values == "on|off":
+            p.add_argument(f"--{name}", choices=["on", "off"], default=None, help=f"{sampler} only: {text}")
         else:
-            p.add_argument(f"--{name}", type=float, default=None, help=f"{sampler} only: {text}")
+            p.add_argument(f"--{name}", type=float, default=None, help=f"{sampler} only, {values}: {text}")
 
 
 def sampler_options(p, args, sampler: str) -> Dict[str, Any]:
     """The keyword arguments for ``sampler`` from the parsed :data:`SAMPLER_OPTIONS`; an option of
     another sampler, or a value out of range, is a parser error (exit 2), not silently ignored."""
     options: Dict[str, Any] = {}
-    for name, (owner, keyword, _) in SAMPLER_OPTIONS.items():
+    for name, (owner, keyword, values, _) in SAMPLER_OPTIONS.items():
         value = getattr(args, name, None)
         if value is None:
             continue
         if sampler != owner:
             p.error(f"--{name} is an option of --sampler {owner}, not {sampler}")
-        if name == "corrector":
+        if values == "on|off":
             value = value == "on"
-        elif not (value > 0 if name == "snr" else value >= 0):  # NaN fails both
-            p.error(f"--{name} must be {'> 0' if name == 'snr' else '>= 0'}, got {value}")
+        elif not (value > 0 if values == "> 0" else value >= 0):  # NaN fails both
+            p.error(f"--{name} must be {values}, got {value}")
         options[keyword] = value
     return options
 
