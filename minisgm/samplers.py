@@ -471,8 +471,8 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
     nearly wasted and points ``tail_density`` times as dense in ``lambda``; ``tail_density > 0`` keeps
     every step shrinking like ``1/N``, so a solver keeps its order (for large enough ``N``: with 20 steps
     on ``[0.002, 80]``, VE's and sub-VP's tails below 0.002 fit in the last step, about 3 units of
-    ``lambda`` long; ``benchmarks/paired_bias.py``). Shape ``[n_steps + 1]``; pass it
-    as ``ts=``. Book: :ref:`sec-fast-grids`.
+    ``lambda`` long; ``benchmarks/paired_bias.py``). Shape ``[n_steps + 1]``; pass it as ``ts=``.
+    Book: :ref:`sec-fast-grids`.
     """
     n_steps = check_int("n_steps", n_steps)
     eps = _eps(sde, eps)
@@ -816,9 +816,8 @@ def dpm_solver_sample(
     models' own ODE solutions at 10-20 NFE). The corrector from 20 steps: with exact scores at the
     floor at 20 NFE in four of six cases instead of one (on the 3-mode mixture with VE helped by a
     cancellation: VE's last step, about 3 units of ``lambda``, extrapolates the corrected history
-    and pulls the samples in; ``benchmarks/paired_bias.py``), several
-    times closer to the exact solution
-    from 40 steps, and closer to three of four learned models' own ODE solutions at 20 NFE (four at 30);
+    and pulls the samples in; ``benchmarks/paired_bias.py``), several times closer to the exact
+    solution from 40 steps, and closer to three of four learned models' own ODE solutions at 20 NFE (four at 30);
     on shorter steps (15 steps: 0.6-0.73 in ``lambda``) it was up to 4.7 times further from the exact
     solution, and at 10 NFE it breaks the energy distance's twice-the-floor. The grid uniform in
     ``lambda`` on EDM's ``[0.002, 80]``, ``[0.03, 60]`` below 15 steps (:func:`lambda_time_grid`;
