@@ -27,7 +27,7 @@ from .sde import SDE, ScoreFn, batch_time, expand, randn_like
 __all__ = ["NonFiniteSampleError", "CountedScore", "time_grid", "edm_time_grid", "sample_loop",
            "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "langevin_corrector_step",
            "pc_update", "euler_maruyama_sample", "reverse_diffusion_sample", "ancestral_sample", "pc_sample",
-           "heun_sample", "ode_sample", "ode_encode", "solve_ode", "ODE_METHODS", "lambda_time_grid",
+           "heun_sample", "ode_sample", "ode_encode", "solve_ode", "ODE_METHODS", "lambda_time_grid", "soft_lambda_grid",
            "ddim_sample", "dpm_solver_orders", "dpm_solver_sample", "edm_sample"]
 
 StepFn = Callable[..., Tuple[Tensor, Tensor]]
@@ -41,8 +41,12 @@ _SHORT_GRID = 15
 multistep solver takes a first-order last step across that grid's tail (measured together)."""
 _THIRD_ORDER_NSR = 3.0
 """DPM-Solver++'s default multistep form takes third-order steps only from ``sigma/alpha`` at most this."""
-_CORRECTOR_STEPS = 20
+_CORRECTOR_STEPS = 15
 """From this many steps DPM-Solver++'s default multistep form corrects every step (UniPC-style)."""
+_GAUSSIAN_STD = 0.1
+"""From ``_SHORT_GRID`` steps DPM-Solver++'s default takes its linear part from Gaussian data of this std."""
+_SOFT_SIGMA = 0.03
+"""From ``_SHORT_GRID`` steps DPM-Solver++'s default grid thins out smoothly below this ``sigma/alpha``."""
 
 
 class NonFiniteSampleError(FloatingPointError):
@@ -451,7 +455,11 @@ def ode_encode(
 # Semi-linear in lambda, its linear part integrates exactly (variation of constants):
 #     x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} exp(lambda) D dlambda.
 # D frozen over the step is DDIM (= DPM-Solver++ order 1 = Euler in (y, sigma)); D expanded in
-# lambda is DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095). Grid quantities are Python floats
+# lambda is DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095). Another linear part: for data
+# N(mu, s^2 I), D = c y + (1 - c) mu with c = s^2 / (s^2 + sigma^2); writing any D so, with
+# m = (D - c y) / (1 - c), gives dy/dsigma = sigma (y - m) / q^2, i.e. dy/dq = (y - m)/q in
+# q = sqrt(sigma^2 + s^2): the same equation, so the same solvers with sigma -> q (exact for that
+# Gaussian), where m = y + q^2 grad_y log p is Tweedie's formula at noise q. Grid quantities are Python floats
 # computed in float64 before the loop, so the loops do tensor arithmetic only (no host syncs).
 # =============================================================================================
 def _marginals(sde: SDE, ts: Sequence[float]) -> Tuple[List[float], List[float]]:
@@ -507,8 +515,9 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
 
 
 def _default_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The default grid of :func:`ddim_sample` and :func:`dpm_solver_sample`: uniform in ``lambda``
-    on EDM's noise range ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.03, 60]`` below 15 steps.
+    """The default grid of :func:`ddim_sample`, and of :func:`dpm_solver_sample` without its linear part
+    (below 15 steps, or with an explicit order): uniform in ``lambda`` on EDM's noise range
+    ``[0.002, 80]`` (:func:`lambda_time_grid`), on ``[0.03, 60]`` below 15 steps.
 
     A short grid's steps are 0.7 units of ``lambda`` long or more, and its ends are left to the
     sparse tails and the first-order last step, which jumps from about 0.03 to ``eps`` and lands
@@ -524,6 +533,39 @@ def _default_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dt
     """
     sigma_min, sigma_max = (0.03, 60.0) if n_steps < _SHORT_GRID else (0.002, 80.0)
     return lambda_time_grid(sde, n_steps, eps, sigma_min=sigma_min, sigma_max=sigma_max, dtype=dtype)
+
+
+def soft_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sigma_soft: float = _SOFT_SIGMA,
+                     sigma_max: Optional[float] = 80.0, tail_density: float = 0.1, device=None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """A grid ``T = t_0 > ... > t_N = eps`` uniform in ``-log sqrt(sigma^2 + sigma_soft^2)``, ``sigma = sigma_t/alpha_t``.
+
+    That is ``lambda`` well above ``sigma_soft`` and flat well below it, so the steps thin out
+    smoothly below ``sigma_soft`` instead of at a hard end: the grid of :func:`dpm_solver_sample`'s
+    default from 15 steps, whose linear part (``gaussian_std``) makes the low noise cheap to cross.
+    From ``sigma(eps)`` up to ``sigma_max``; above it (VP and sub-VP reach 152) the points are
+    ``tail_density`` times as dense in ``lambda``, as in :func:`lambda_time_grid`, so that every step
+    shrinks like ``1/N`` and a solver keeps its order. Shape ``[n_steps + 1]``; pass it as ``ts=``.
+    Book: :ref:`sec-fast-gaussian`.
+    """
+    n_steps = check_int("n_steps", n_steps)
+    eps = _eps(sde, eps)
+    sigma_soft = check_number("sigma_soft", sigma_soft, 0.0, None)
+    tail_density = check_number("tail_density", tail_density, 0.0, 1.0, lo_open=True)
+    hi, lo = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64)).tolist()
+    top = hi if sigma_max is None else min(hi, check_positive("sigma_max", sigma_max))
+    if not top > lo:
+        raise ValueError(f"sigma_max={sigma_max} must exceed the SDE's sigma/alpha at eps ({lo:.3g})")
+    # u = log q(sigma) up to sigma_max, then tail_density * log sigma: uniform in u, inverted piece by piece.
+    u_top = math.log(math.hypot(top, sigma_soft))
+    u = torch.linspace(u_top + tail_density * math.log(hi / top), math.log(math.hypot(lo, sigma_soft)), n_steps + 1,
+                       dtype=torch.float64)
+    inner = (torch.exp(2 * torch.clamp(u, max=u_top)) - sigma_soft**2).clamp_min(lo**2).sqrt()
+    nsr = torch.where(u > u_top, top * torch.exp((u - u_top) / tail_density), inner)
+    nsr[0], nsr[-1] = hi, lo
+    ts = _times_of_noise_to_signal(sde, nsr, eps, sde.T)
+    ts[0], ts[-1] = sde.T, eps  # exact end points
+    return ts.to(device=device, dtype=dtype)
 
 
 def _fast_grid(sde: SDE, n_steps: int, eps: Optional[float], ts, default: Callable[..., Tensor]) -> List[float]:
@@ -567,9 +609,10 @@ def ddim_sample(
     ``0 < eta < 1`` interpolates. ``nfe = n_steps`` (+1 with ``denoise``: a final ``x0_hat(x_N, t_N)``).
 
     Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``): the grid of
-    :func:`dpm_solver_sample` (:func:`lambda_time_grid` on ``[0.002, 80]``; ``[0.03, 60]`` below 15
-    steps), so that DDIM is its order 1 (EDM's ``rho = 7`` grid was worse in both measures); no final
-    denoising (no better at equal NFE). Book: :ref:`sec-fast-ddim`.
+    :func:`dpm_solver_sample` without its linear part (:func:`lambda_time_grid` on ``[0.002, 80]``;
+    ``[0.03, 60]`` below 15 steps), so that DDIM is ``dpm_solver_sample(order=1)`` (EDM's ``rho = 7``
+    grid was worse in both measures); no final denoising (no better at equal NFE).
+    Book: :ref:`sec-fast-ddim`.
     """
     eta = check_number("eta", eta, 0.0, None)
     grid = _fast_grid(sde, n_steps, eps, ts, _default_lambda_grid)
@@ -782,7 +825,7 @@ def _singlestep_plan(sde: SDE, grid, orders, alpha, sigma, lam, D) -> Update:
 def dpm_solver_sample(
     score_fn: ScoreFn, sde: SDE, shape: Sequence[int], n_steps: int, *,
     order: Optional[int | Sequence[int]] = None, multistep: bool = True, lower_order_final: bool = True,
-    corrector: Optional[bool] = None, eps: Optional[float] = None,
+    corrector: Optional[bool] = None, gaussian_std: Optional[float] = None, eps: Optional[float] = None,
     ts: Optional[Sequence[float] | Tensor] = None,
     generator: Optional[torch.Generator] = None, device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32, x_init: Optional[Tensor] = None, denoise: bool = False,
@@ -802,45 +845,59 @@ def dpm_solver_sample(
     fitted to the shorter steps before overshoots while ``D`` barely changes. ``corrector`` (multistep
     only) corrects each step with the ``D`` evaluated at its end, which the next step needs anyway:
     UniPC's corrector (Zhao et al. 2023), one order higher, no extra NFE, the last step uncorrected;
-    ``None`` turns it on from 20 steps with the default order, off with an explicit ``order``
-    (DPM-Solver++ as published); ``callback`` then sees each step's predicted state, corrected
-    after the next evaluation. ``denoise`` adds a final ``x0_hat(x_N, t_N)`` (+1 NFE).
+    ``callback`` then sees each step's predicted state, corrected after the next evaluation.
+    ``gaussian_std = s > 0`` (multistep only) takes the linear part from Gaussian data of std ``s``
+    (the fast-samplers comment): the same formulas with ``sigma_t`` replaced by
+    ``sqrt(sigma_t^2 + alpha_t^2 s^2)`` and ``lambda`` by ``-log sqrt(sigma^2 + s^2)``, exact for
+    ``N(mu, s^2 I)`` data at any number of steps; ``s = 0`` is DPM-Solver++ as published. ``None``
+    (``corrector``, ``gaussian_std``): on (``s = 0.1``) from 15 steps with the default order, off with an
+    explicit order. The default grid is :func:`soft_lambda_grid` when ``s > 0``, else DDIM's
+    (:func:`lambda_time_grid` on ``[0.002, 80]``, ``[0.03, 60]`` below 15 steps). ``denoise`` adds a
+    final ``x0_hat(x_N, t_N)`` (+1 NFE).
 
-    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py --ablation``) and learned
-    ones (``benchmarks/grid_tradeoff.py``): multistep; 2M below 10 steps (3M overshoots on a short
-    grid's long steps); from 10 steps third order only below ``sigma/alpha = 3``: a learned ``D``'s
-    error is its error in ``eps_hat`` times ``sigma/alpha``, and 3M's quadratic extrapolation passes
-    on about twice what 2M's linear one does (sum of the weights' magnitudes, 3.9 against 2.0 at
-    ``h = 0.45``), while with exact scores ``D`` is nearly constant up there and the third order
-    buys nothing (at the exact floor no later than 3M throughout; closer than 3M to four learned
-    models' own ODE solutions at 10-20 NFE). The corrector from 20 steps: with exact scores at the
-    floor at 20 NFE in four of six cases instead of one (on the 3-mode mixture with VE helped by a
-    cancellation: VE's last step, about 3 units of ``lambda``, extrapolates the corrected history
-    and pulls the samples in; ``benchmarks/paired_bias.py``), several times closer to the exact
-    solution from 40 steps, and closer to three of four learned models' own ODE solutions at 20 NFE (four at 30);
-    on shorter steps (15 steps: 0.6-0.73 in ``lambda``) it was up to 4.7 times further from the exact
-    solution, and at 10 NFE it breaks the energy distance's twice-the-floor. The grid uniform in
-    ``lambda`` on EDM's ``[0.002, 80]``, ``[0.03, 60]`` below 15 steps (:func:`lambda_time_grid`;
-    the ends of the range are not worth one of ten steps; EDM's and a uniform ``t`` grid were
-    several times worse); no final denoising (no better). Book: :ref:`sec-fast-dpm-solver`,
-    :ref:`sec-fast-corrector`.
+    Defaults, measured with exact scores (``benchmarks/samplers_vs_nfe.py``, ``paired_bias.py``) and
+    learned ones (``benchmarks/grid_tradeoff.py``): multistep; 2M below 10 steps (3M overshoots on a
+    short grid's long steps); from 10 steps third order only below ``sigma/alpha = 3``: a learned
+    ``D``'s error is its error in ``eps_hat`` times ``sigma/alpha``, and 3M's quadratic extrapolation
+    passes on about twice what 2M's linear one does (3.9 against 2.0 at ``h = 0.45``), while with
+    exact scores ``D`` is nearly constant up there. From 15 steps the linear part of ``s = 0.1`` on the
+    soft grid (``paired_bias.py --sweep``), with the corrector: with exact scores at the floor on all
+    three measures at 20 NFE in all six cases (before, on ``[0.002, 80]`` without the linear part: four),
+    the paired log-density error at 20 NFE -0.008 to -0.012 nats (before: -0.022 to +0.045), the
+    samples 2.0-7.9 times closer to the exact solution; with learned models closer to their own ODE
+    solutions at 15 NFE (the digits model 3.9 times), at 20 NFE closer or level. Below 15 steps the short grid with a first-order last step and no corrector (closer to
+    the exact solution at 10 NFE than the linear part; within twice the energy-distance floor). No
+    final denoising (no better). Book: :ref:`sec-fast-dpm-solver`, :ref:`sec-fast-corrector`,
+    :ref:`sec-fast-gaussian`.
     """
     if corrector is not None and not isinstance(corrector, bool):
         raise ValueError(f"corrector must be True, False or None (the default), got {corrector!r}")
     if corrector and not multistep:
         raise ValueError("corrector=True needs multistep=True: the corrector reuses the D of earlier steps")
-    grid = _fast_grid(sde, n_steps, eps, ts, _default_lambda_grid)
+    if gaussian_std is not None:
+        gaussian_std = check_number("gaussian_std", gaussian_std, 0.0, None)
+        if gaussian_std > 0 and not multistep:
+            raise ValueError("gaussian_std > 0 needs multistep=True (the single-step form's stages are placed in lambda)")
+    default = multistep and order is None  # the default recipe; an explicit order is DPM-Solver++ as published
+    if gaussian_std is None and ts is None:
+        gaussian_std = _GAUSSIAN_STD if default and check_int("n_steps", n_steps) >= _SHORT_GRID else 0.0
+    grid = _fast_grid(sde, n_steps, eps, ts, soft_lambda_grid if gaussian_std else _default_lambda_grid)
+    if gaussian_std is None:
+        gaussian_std = _GAUSSIAN_STD if default and len(grid) - 1 >= _SHORT_GRID else 0.0
     alpha, sigma = _marginals(sde, grid)
     nsr = [s / a for a, s in zip(alpha, sigma)]
     orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final, nsr)
-    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
-    if corrector is None:  # part of the default recipe; an explicit order is DPM-Solver++ as published
-        corrector = multistep and order is None and len(grid) - 1 >= _CORRECTOR_STEPS
+    if corrector is None:
+        corrector = default and len(grid) - 1 >= _CORRECTOR_STEPS
+    # The linear part of Gaussian data of std s: the solver's formulas with sigma_t replaced by
+    # sqrt(sigma_t^2 + alpha_t^2 s^2), D then being Tweedie's formula at that noise level (the fast-samplers comment).
+    sigma_lin = [math.hypot(s, a * gaussian_std) for a, s in zip(alpha, sigma)] if gaussian_std > 0 else sigma
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma_lin)]
     score = CountedScore(score_fn)
     D = _data_prediction(score, sde)
 
     if multistep:
-        update = _multistep_plan(grid, orders, alpha, sigma, lam, D, corrector)
+        update = _multistep_plan(grid, orders, alpha, sigma_lin, lam, D, corrector)
     else:
         update = _singlestep_plan(sde, grid, orders, alpha, sigma, lam, D)
     x, _ = sample_loop(update, _initial_state(sde, shape, x_init, generator, device, dtype), grid, callback)
