@@ -338,8 +338,10 @@ SAMPLERS: Dict[str, Callable[..., Tuple[Tensor, int]]] = {
 
 SAMPLER_OPTIONS = {  # command-line option: (the one sampler it belongs to, its keyword there, its values, help)
     "snr": ("pc", "snr", "> 0", "the Langevin corrector's signal-to-noise ratio (default: the run's sample.snr)"),
-    "corrector": ("dpm_solver", "corrector", "on|off", "UniPC's corrector (default: on from 20 steps); worth trying "
-                  "on below 20 with a learned model"),
+    "corrector": ("dpm_solver", "corrector", "on|off", "UniPC's corrector (default: on from 15 steps); worth trying "
+                  "on below 15 with a learned model"),
+    "gaussian-std": ("dpm_solver", "gaussian_std", ">= 0", "the std of the Gaussian data whose ODE the solver's "
+                     "linear part solves exactly (default: 0.1 from 15 steps, else 0: DPM-Solver++)"),
     "eta": ("ddim", "eta", ">= 0", "0: deterministic (default), 1: ancestral, between: interpolates"),
     "churn": ("edm", "S_churn", ">= 0", "EDM's stochastic sampler's S_churn (default 0: deterministic Heun)"),
 }
@@ -361,7 +363,7 @@ def sampler_options(p, args, sampler: str) -> Dict[str, Any]:
     another sampler, or a value out of range, is a parser error (exit 2), not silently ignored."""
     options: Dict[str, Any] = {}
     for name, (owner, keyword, values, _) in SAMPLER_OPTIONS.items():
-        value = getattr(args, name, None)
+        value = getattr(args, name.replace("-", "_"), None)
         if value is None:
             continue
         if sampler != owner:

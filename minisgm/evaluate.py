@@ -162,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=0, help="samples (fid, digits_fd) or test images (bpd); 0: metric default")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="fid, digits_fd: default the run's sample.sampler")
     p.add_argument("--steps", type=int, default=None, help="fid, digits_fd: sampler steps (default: the run's sample.n_steps)")
-    add_sampler_options(p)  # fid, digits_fd: --snr (pc), --corrector (dpm_solver), --eta (ddim), --churn (edm)
+    add_sampler_options(p)  # fid, digits_fd: --snr (pc), --corrector, --gaussian-std (dpm_solver), --eta, --churn
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--hutchinson", default=None, choices=["gaussian", "rademacher"], help="bpd: trace estimator (default: exact)")
     p.add_argument("--rtol", type=float, default=None, help="bpd: ODE solver tolerance (default 1e-5)")
@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--rtol and --atol must be positive")
     # Options of the other kind of metric are errors, not silently ignored.
     sampling, ode = ("sampler", "steps", *SAMPLER_OPTIONS), ("hutchinson", "rtol", "atol")
-    wrong = [name for name in (sampling if args.metric == "bpd" else ode) if getattr(args, name) is not None]
+    wrong = [name for name in (sampling if args.metric == "bpd" else ode) if getattr(args, name.replace("-", "_")) is not None]
     if wrong:
         opts = ", ".join(f"--{name}" for name in wrong)
         p.error(f"{opts}: not an option of --metric {args.metric} (bpd integrates the probability-flow ODE: "

@@ -4,7 +4,7 @@ Writes the samples as ``.npz`` (``samples``: float32 ``[N, ...]`` in data space,
 ``[0, 1]``; ``labels`` for class-conditional runs; ``nfe``; ``step``) and a PNG grid (a scatter
 plot for 2-D toy data) next to it. EMA weights are used unless ``--no-ema``. The sampler names
 are those of :data:`minisgm.build.SAMPLERS`, each sampler's own options (``--snr``, ``--corrector``,
-``--eta``, ``--churn``) those of :data:`minisgm.build.SAMPLER_OPTIONS`. Book: :ref:`sec-samplers`.
+``--gaussian-std``, ``--eta``, ``--churn``) those of :data:`minisgm.build.SAMPLER_OPTIONS`. Book: :ref:`sec-samplers`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.n_steps; "
                    "for ode, a bound on the adaptive solver's steps; heun and edm evaluate the model twice per step)")
-    add_sampler_options(p)  # --snr (pc), --corrector (dpm_solver), --eta (ddim), --churn (edm)
+    add_sampler_options(p)  # --snr (pc), --corrector, --gaussian-std (dpm_solver), --eta (ddim), --churn (edm)
     p.add_argument("--batch-size", type=int, default=0, help="samples per sampler call (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="label", type=int, default=None, help="class label for conditional runs (default: cycle 0..K-1)")

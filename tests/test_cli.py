@@ -68,8 +68,10 @@ def test_sample_cli_sampler_options(tiny_digits_run, tmp_path, capsys):
     ref, _ = samplers.pc_sample(score, sde, (3, 1, 8, 8), 4, snr=0.05, generator=torch.Generator().manual_seed(0))
     assert np.allclose(np.load(out)["samples"], to_unit_range(ref, cfg.data).clamp(0, 1).numpy(), atol=1e-6)
     for sampler, flag, value, fn, kw in [("ddim", "--eta", "1.0", samplers.ddim_sample, {"eta": 1.0}),
-                                         ("edm", "--churn", "2.0", samplers.edm_sample, {"S_churn": 2.0})]:
-        out = tmp_path / f"{sampler}.npz"  # --eta reaches ddim_sample, --churn edm_sample's S_churn
+                                         ("edm", "--churn", "2.0", samplers.edm_sample, {"S_churn": 2.0}),
+                                         ("dpm_solver", "--gaussian-std", "0.1", samplers.dpm_solver_sample,
+                                          {"gaussian_std": 0.1})]:
+        out = tmp_path / f"{sampler}.npz"  # --eta reaches ddim_sample, --churn edm_sample's S_churn, ...
         assert sample_main(["--ckpt", str(tiny_digits_run), "--sampler", sampler, "--n", "3", "--steps", "4", flag, value,
                             "--seed", "0", "--out", str(out), "--no-progress"]) == 0
         ref, _ = fn(score, sde, (3, 1, 8, 8), 4, generator=torch.Generator().manual_seed(0), **kw)
@@ -81,6 +83,8 @@ def test_sample_cli_sampler_options(tiny_digits_run, tmp_path, capsys):
                           (["--sampler", "dpm_solver", "--eta", "0.5"], "--eta is an option of --sampler ddim"),
                           (["--sampler", "ddim", "--churn", "1"], "--churn is an option of --sampler edm"),
                           (["--sampler", "edm", "--churn", "-1"], "--churn must be >= 0"),
+                          (["--sampler", "ddim", "--gaussian-std", "0.1"], "--gaussian-std is an option of --sampler dpm_solver"),
+                          (["--sampler", "dpm_solver", "--gaussian-std", "-1"], "--gaussian-std must be >= 0"),
                           (["--sampler", "pc", "--snr", "0"], "--snr must be > 0")]:
         with pytest.raises(SystemExit) as e:
             sample_main(["--ckpt", str(tiny_digits_run), *argv])
