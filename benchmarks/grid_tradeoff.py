@@ -3,14 +3,17 @@
 DPM-Solver++'s default grid was chosen on exact scores (``samplers_vs_nfe.py``), where the only
 error is the solver's, and its default order and corrector on both. This script puts the same
 choices in front of learned models, where the network's error enters too, and prints both side by
-side. Rows: the default (``lambda`` uniform on ``sigma/alpha`` in ``[0.002, 80]`` from 15 steps,
-``[0.03, 60]`` below; from 10 steps third-order multistep steps where a step starts at
-``sigma/alpha <= 3``, second order above; the UniPC-style corrector from 20 steps), the default
-without the corrector and with it at every budget, the default grid with 3M and with 2M throughout
-(no corrector), and fixed ranges for every budget: ``[0.002, 7]`` and ``[0.002, 10]`` (skip the
-high noise; without the corrector, the recipe for exact scores, and ``[0.002, 7]`` with it) and
-``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR grid, with the
-default corrector; for VE, whose ``sigma(T) = 50``, the same as the default from 15 steps).
+side. Rows: the default (below 15 steps ``lambda`` uniform on ``sigma/alpha`` in ``[0.03, 60]``;
+from 15 steps the linear part of Gaussian data of std 0.1 on
+:func:`~minisgm.samplers.soft_lambda_grid`, with the UniPC-style corrector; from 10 steps
+third-order multistep steps where a step starts at ``sigma/alpha <= 3``, second order above), the
+default without the corrector and with it at every budget, its linear part on the grid before and
+its grid without the linear part; the default before (no linear part, ``[0.002, 80]`` from 15
+steps, the corrector from 20), without the corrector, and on its grid 3M and 2M throughout (no
+corrector); and, without the linear part, fixed ranges for every budget: ``[0.002, 7]`` and
+``[0.002, 10]`` (skip the high noise; without the corrector, and ``[0.002, 7]`` with it from 20)
+and ``[0.002, sigma(T)/alpha(T)]`` (the whole upper range, as DPM-Solver's own logSNR grid, the
+corrector from 20; for VE, whose ``sigma(T) = 50``, the default before from 15 steps).
 
 - Exact scores (both mixtures of ``exact_measures``; VP, sub-VP, VE; 4000 samples, 8 seeds): how
   many of the six cases are at the true-sample floor on all three measures, and the largest
@@ -23,7 +26,7 @@ default corrector; for VE, whose ``sigma(T) = 50``, the same as the default from
 
     python benchmarks/grid_tradeoff.py
 
-About 6 min of one core.
+About 9 min of one core.
 """
 
 from __future__ import annotations
@@ -51,16 +54,29 @@ def fixed_range(sigma_min: float, sigma_max: Optional[float]) -> Grid:
     return lambda sde, n: S.lambda_time_grid(sde, n, sigma_min=sigma_min, sigma_max=sigma_max, dtype=F64)
 
 
-ROWS: Dict[str, Tuple[Grid, Optional[int], Optional[bool]]] = {  # name: (grid or None for the default, order, corrector)
-    "default (from 10 steps 3M below sigma/alpha = 3, 2M above; corrector from 20)": (None, None, None),
-    "default without the corrector": (None, None, False),
-    "default with the corrector at every N": (None, None, True),
-    "default grid, 3M": (None, 3, False),
-    "default grid, 2M": (None, 2, False),
-    "[0.002, 7] (skips the high noise), no corrector": (fixed_range(0.002, 7.0), None, False),
-    "[0.002, 7] with the corrector from 20": (fixed_range(0.002, 7.0), None, None),
-    "[0.002, 10], no corrector": (fixed_range(0.002, 10.0), None, False),
-    "[0.002, sigma(T)] (the whole upper range)": (fixed_range(0.002, None), None, None),
+def soft(sde: SDE, n: int) -> torch.Tensor:
+    """The default's grid from 15 steps (:func:`minisgm.samplers.soft_lambda_grid`), at every budget."""
+    return S.soft_lambda_grid(sde, n, dtype=F64)
+
+
+Corrector = Optional[bool | int]  # None: the default's; a bool: as given; an int k: on from k steps
+
+
+ROWS: Dict[str, Tuple[Grid, Optional[int], Corrector, Optional[float]]] = {
+    # name: (grid or None for the default, order, corrector, gaussian_std (None: the default's))
+    "default (from 15 steps: linear part of std 0.1, soft grid, corrector)": (None, None, None, None),
+    "default without the corrector": (None, None, False, None),
+    "default with the corrector at every N": (None, None, True, None),
+    "linear part on lambda in [0.002, 80] instead of the soft grid": (fixed_range(0.002, 80.0), None, None, None),
+    "soft grid without the linear part (corrector from 15)": (soft, None, 15, 0.0),
+    "before: no linear part, [0.002, 80], corrector from 20": (None, None, 20, 0.0),
+    "before, without the corrector": (None, None, False, 0.0),
+    "before's grid, 3M": (None, 3, False, None),
+    "before's grid, 2M": (None, 2, False, None),
+    "[0.002, 7] (skips the high noise), no corrector": (fixed_range(0.002, 7.0), None, False, 0.0),
+    "[0.002, 7] with the corrector from 20": (fixed_range(0.002, 7.0), None, 20, 0.0),
+    "[0.002, 10], no corrector": (fixed_range(0.002, 10.0), None, False, 0.0),
+    "[0.002, sigma(T)] (the whole upper range), corrector from 20": (fixed_range(0.002, None), None, 20, 0.0),
 }
 
 
@@ -69,10 +85,13 @@ def gen(seed: int) -> torch.Generator:
 
 
 def solve(score, sde: SDE, x_T: torch.Tensor, nfe: int, row: str) -> torch.Tensor:
-    grid, order, corrector = ROWS[row]
+    grid, order, corrector, gaussian_std = ROWS[row]
     ts = None if grid is None else grid(sde, nfe)
+    if isinstance(corrector, int) and not isinstance(corrector, bool):
+        corrector = nfe >= corrector
     with torch.no_grad():
-        return S.dpm_solver_sample(score, sde, x_T.shape, nfe, ts=ts, order=order, corrector=corrector, x_init=x_T)[0]
+        return S.dpm_solver_sample(score, sde, x_T.shape, nfe, ts=ts, order=order, corrector=corrector,
+                                   gaussian_std=gaussian_std, x_init=x_T)[0]
 
 
 def exact_table(seeds: int = 8, n: int = 4000) -> None:

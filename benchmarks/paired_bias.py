@@ -9,18 +9,24 @@ own density, as in ``samplers_vs_nfe.py``) and the mean distance ``E|x - x_ref|`
 noise cancels, standard errors are about 0.0005 nats. Negative: the sampler leaves the samples
 more spread than the ODE does.
 
-Also printed: the length in ``lambda = log(alpha/sigma)`` of each default grid's last step.
-VE and sub-VP end at ``sigma/alpha`` of about 1e-4, far below the grid's range ``[0.002, 80]``,
-and the range's sparse tail fits inside one step: their last step is about six times longer
-than the others, and the polynomial of a third-order step is extrapolated across it. With the
-corrector, the ``D`` it extrapolates were evaluated at predicted states that the corrector then
-moved, and their differences carry those moves. Variants: the default and the default without
-the corrector, each with its third-order last step and with a first-order (DDIM) one (``D``
-held constant across the tail, where it barely changes), and - a prototype, not in the package -
-a cubic (four-node) predictor below ``sigma/alpha = 3`` with the corrector one node higher and a
+Variants: the default (from 15 steps the linear part of Gaussian data of std 0.1 on
+``soft_lambda_grid``, with the corrector) with and without the corrector; and the default before
+it (no linear part, ``lambda`` uniform on ``[0.002, 80]``, the corrector from 20 steps), with and
+without the corrector, each with its third-order last step and with a first-order (DDIM) one.
+Also printed, for that grid: the length in ``lambda = log(alpha/sigma)`` of its last step. VE and
+sub-VP end at ``sigma/alpha`` of about 1e-4, far below the range ``[0.002, 80]``, and the range's
+sparse tail fits inside one step: their last step is about six times longer than the others,
+and the polynomial of a third-order step is extrapolated across it. With the corrector, the
+``D`` it extrapolates were evaluated at predicted states that the corrector then moved, and
+their differences carry those moves; a first-order last step holds ``D`` constant across the
+tail, where it barely changes. Last, a prototype, not in the package, on that grid: a cubic
+(four-node) predictor below ``sigma/alpha = 3`` with the corrector one node higher and a
 first-order last step.
 
-    python benchmarks/paired_bias.py [--seeds 8] [--n 4000]
+    python benchmarks/paired_bias.py [--seeds 8] [--n 4000] [--sweep]
+
+``--sweep``: the default's two numbers instead, the std ``s`` of the linear part (0.05 to 0.5) and
+the soft grid's ``c`` (0.02 to 0.05), at 15, 20 and 25 NFE.
 
 About 3 min of one core.
 """
@@ -76,30 +82,45 @@ def variants():
     def last_first_order(sf, sde, sh, n, x0, corrector=None):
         orders = S._solver_orders(None, n, True, True, [s / a for a, s in zip(*S._marginals(
             sde, S._default_lambda_grid(sde, n, dtype=F64).tolist()))])
-        corrector = n >= S._CORRECTOR_STEPS if corrector is None else corrector
+        corrector = n >= 20 if corrector is None else corrector  # the default before: from 20 steps
         return S.dpm_solver_sample(sf, sde, sh, n, order=orders[:-1] + [1], corrector=corrector, x_init=x0, dtype=F64)
     return {
-        "default (dpm_solver_sample)": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(sf, sde, sh, n, x_init=x0, dtype=F64),
-        "default, first-order last step": last_first_order,
-        "without the corrector": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(sf, sde, sh, n, corrector=False, x_init=x0, dtype=F64),
-        "without the corrector, first-order last step": lambda sf, sde, sh, n, x0: last_first_order(
+        "default (dpm_solver_sample: linear part of std 0.1, soft grid, corrector)": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(
+            sf, sde, sh, n, x_init=x0, dtype=F64),
+        "default without the corrector": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(
+            sf, sde, sh, n, corrector=False, x_init=x0, dtype=F64),
+        "before (no linear part, [0.002, 80], corrector from 20)": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(
+            sf, sde, sh, n, gaussian_std=0.0, corrector=n >= 20, x_init=x0, dtype=F64),
+        "before, first-order last step": last_first_order,
+        "before without the corrector": lambda sf, sde, sh, n, x0: S.dpm_solver_sample(
+            sf, sde, sh, n, gaussian_std=0.0, corrector=False, x_init=x0, dtype=F64),
+        "before without the corrector, first-order last step": lambda sf, sde, sh, n, x0: last_first_order(
             sf, sde, sh, n, x0, corrector=False),
         "prototype: cubic predictor + corrector, first-order last step": lambda sf, sde, sh, n, x0: multistep_nodes_sample(
             sf, sde, sh, n, x_init=x0),
     }
 
 
+def sweep():
+    """The default's two numbers: the linear part's std ``s`` (``gaussian_std``) and the soft grid's
+    ``c`` (``soft_lambda_grid(sigma_soft=c)``), the rest as the default (corrector from 15 steps)."""
+    return {f"s = {s}, c = {c}": (lambda s, c: lambda sf, sde, sh, n, x0: S.dpm_solver_sample(
+        sf, sde, sh, n, gaussian_std=s, ts=S.soft_lambda_grid(sde, n, sigma_soft=c, dtype=F64), x_init=x0, dtype=F64))(s, c)
+        for s in (0.05, 0.1, 0.15, 0.25, 0.5) for c in (0.02, 0.03, 0.05)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--sweep", action="store_true", help="the default's s and c instead (15, 20, 25 NFE; 7 min)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     sdes = {"VP": VPSDE, "sub-VP": SubVPSDE, "VE": VESDE}
     def steps(sde, n):  # the default grid's steps in lambda
         return np.diff([math.log(a / s) for a, s in zip(*S._marginals(sde, S._default_lambda_grid(sde, n, dtype=F64).tolist()))])
-    print("Last step of the default 20-step grid, in lambda (the others): "
+    print("Last step of the 20-step grid before (lambda on [0.002, 80]), in lambda (the others): "
           + "; ".join(f"{name} {h[-1]:.2f} ({h[-2]:.2f})" for name, make in sdes.items() for h in [steps(make(), 20)]))
     print("Last step / the one before, by the number of steps: " + "; ".join(
         f"{name} " + ", ".join(f"{n}: {h[-1] / h[-2]:.1f}" for n in (15, 20, 25, 30, 35, 38, 39, 40, 45) for h in [steps(make(), n)])
@@ -117,8 +138,8 @@ def main() -> None:
             x0 = S._initial_state(sde, (args.n, 2), None, torch.Generator().manual_seed(k), None, F64)
             x_ref = S.ode_sample(setup[m, s][2], sde, x0.shape, x_init=x0, rtol=1e-9, atol=1e-9, dtype=F64)[0]
             refs[m, s, k] = x0, x_ref, float(gmm.log_prob(x_ref).mean())
-    for name, run in variants().items():
-        for nfe in NFES:
+    for name, run in (sweep() if args.sweep else variants()).items():
+        for nfe in (NFES[:3] if args.sweep else NFES):
             cells = []
             for m, s in cases:
                 gmm, sde, sf = setup[m, s]

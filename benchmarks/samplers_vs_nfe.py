@@ -51,19 +51,24 @@ def main_samplers() -> List[Tuple[str, Tuple[int, ...], Run]]:
         ("Heun in t (heun_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.heun_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
         ("DDIM (ddim_sample)", BUDGETS + SLOW[:2], lambda sf, sde, sh, nfe, g: S.ddim_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
         ("DPM-Solver++ (dpm_solver_sample)", BUDGETS + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(sf, sde, sh, nfe, generator=g, dtype=F64)),
-        # the default before the corrector (UniPC-style, from 20 steps): the same below 20 NFE
-        ("DPM-Solver++ without the corrector", BUDGETS[3:] + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
-            sf, sde, sh, nfe, corrector=False, generator=g, dtype=F64)),
+        # the default before the linear part of Gaussian data (gaussian_std = 0, so lambda on [0.002, 80]) and
+        # with the corrector from 20 steps: the same below 15 NFE
+        ("DPM-Solver++, the default before (no linear part)", BUDGETS[2:] + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, gaussian_std=0.0, corrector=nfe >= 20, generator=g, dtype=F64)),
+        # and the one before that, without the corrector
+        ("DPM-Solver++, no linear part, no corrector", BUDGETS[3:] + SLOW[:1], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
+            sf, sde, sh, nfe, gaussian_std=0.0, corrector=False, generator=g, dtype=F64)),
         ("EDM Heun (edm_sample)", BUDGETS[1:] + SLOW[:2], lambda sf, sde, sh, nfe, g: S.edm_sample(sf, sde, sh, nfe // 2, generator=g, dtype=F64)),
         # not a default: a grid that skips the high noise, without the corrector, which only exact scores
         # can afford (chapter 8, "A grid for exact scores only": it nearly triples a learned model's error)
         ("DPM-Solver++, lambda on [0.002, 7], no corrector (exact scores only)", BUDGETS[2:], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
             sf, sde, sh, nfe, ts=S.lambda_time_grid(sde, nfe, sigma_min=0.002, sigma_max=7.0, dtype=F64), corrector=False,
-            generator=g, dtype=F64)),
-        # not a default either: the whole upper range (DPM-Solver's own grid), closer on learned models from
-        # 15 NFE (grid_tradeoff.py); for VE (sigma(T) = 50) it is the default grid from 15 steps
+            gaussian_std=0.0, generator=g, dtype=F64)),
+        # not a default either: the whole upper range (DPM-Solver's own grid), without the linear part and with the
+        # corrector from 20 steps (the default before); for VE (sigma(T) = 50) the same as that default from 15 steps
         ("DPM-Solver++, lambda on [0.002, sigma(T)] (the whole upper range)", BUDGETS[2:], lambda sf, sde, sh, nfe, g: S.dpm_solver_sample(
-            sf, sde, sh, nfe, ts=S.lambda_time_grid(sde, nfe, sigma_min=0.002, dtype=F64), generator=g, dtype=F64)),
+            sf, sde, sh, nfe, ts=S.lambda_time_grid(sde, nfe, sigma_min=0.002, dtype=F64), gaussian_std=0.0,
+            corrector=nfe >= 20, generator=g, dtype=F64)),
     ]
 
 
