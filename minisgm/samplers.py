@@ -102,6 +102,14 @@ def _times_of_noise_to_signal(sde: SDE, target: Tensor, lo: float, hi: float) ->
     return 0.5 * (lo_t + hi_t)
 
 
+def _grid_of_noise_to_signal(sde: SDE, nsr: Tensor, eps: float, device, dtype: torch.dtype) -> Tensor:
+    """The times of the decreasing ``sigma/alpha`` values ``nsr`` (float64), with the exact end points
+    ``T`` and ``eps``: the last step of every ``*_time_grid``."""
+    ts = _times_of_noise_to_signal(sde, nsr, eps, sde.T)
+    ts[0], ts[-1] = sde.T, eps  # exact end points
+    return ts.to(device=device, dtype=dtype)
+
+
 def edm_time_grid(
     sde: SDE, n_steps: int, rho: float = 7.0, eps: Optional[float] = None, device=None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -118,9 +126,7 @@ def edm_time_grid(
     ends = _noise_to_signal(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
     i = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
     target = (ends[0] ** (1 / rho) + i * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
-    ts = _times_of_noise_to_signal(sde, target, eps, sde.T)
-    ts[0], ts[-1] = sde.T, eps  # exact end points
-    return ts.to(device=device, dtype=dtype)
+    return _grid_of_noise_to_signal(sde, target, eps, device, dtype)
 
 
 def _grid(sde: SDE, n_steps: int, eps: Optional[float], ts) -> List[float]:
@@ -459,8 +465,9 @@ def ode_encode(
 # N(mu, s^2 I), D = c y + (1 - c) mu with c = s^2 / (s^2 + sigma^2); writing any D so, with
 # m = (D - c y) / (1 - c), gives dy/dsigma = sigma (y - m) / q^2, i.e. dy/dq = (y - m)/q in
 # q = sqrt(sigma^2 + s^2): the same equation, so the same solvers with sigma -> q (exact for that
-# Gaussian), where m = y + q^2 grad_y log p is Tweedie's formula at noise q. Grid quantities are Python floats
-# computed in float64 before the loop, so the loops do tensor arithmetic only (no host syncs).
+# Gaussian), where m = y + q^2 grad_y log p is Tweedie's formula at noise q. Grid quantities are
+# Python floats computed in float64 before the loop, so the loops do tensor arithmetic only (no
+# host syncs).
 # =============================================================================================
 def _marginals(sde: SDE, ts: Sequence[float]) -> Tuple[List[float], List[float]]:
     """``(alpha_t, sigma_t)`` at the times ``ts`` as Python floats, computed in float64 on the CPU."""
@@ -509,9 +516,7 @@ def lambda_time_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
             frac = (u - knots_u[j]) / (knots_u[j + 1] - knots_u[j])
             log_nsr = torch.where(inside, knots_log[j] + frac * (knots_log[j + 1] - knots_log[j]), log_nsr)
     log_nsr[0], log_nsr[-1] = log_hi, log_lo
-    ts = _times_of_noise_to_signal(sde, log_nsr.exp(), eps, sde.T)
-    ts[0], ts[-1] = sde.T, eps  # exact end points
-    return ts.to(device=device, dtype=dtype)
+    return _grid_of_noise_to_signal(sde, log_nsr.exp(), eps, device, dtype)
 
 
 def _default_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -563,9 +568,7 @@ def soft_lambda_grid(sde: SDE, n_steps: int, eps: Optional[float] = None, *, sig
     inner = (torch.exp(2 * torch.clamp(u, max=u_top)) - sigma_soft**2).clamp_min(lo**2).sqrt()
     nsr = torch.where(u > u_top, top * torch.exp((u - u_top) / tail_density), inner)
     nsr[0], nsr[-1] = hi, lo
-    ts = _times_of_noise_to_signal(sde, nsr, eps, sde.T)
-    ts[0], ts[-1] = sde.T, eps  # exact end points
-    return ts.to(device=device, dtype=dtype)
+    return _grid_of_noise_to_signal(sde, nsr, eps, device, dtype)
 
 
 def _fast_grid(sde: SDE, n_steps: int, eps: Optional[float], ts, default: Callable[..., Tensor]) -> List[float]:
@@ -865,9 +868,9 @@ def dpm_solver_sample(
     three measures at 20 NFE in all six cases (before, on ``[0.002, 80]`` without the linear part: four),
     the paired log-density error at 20 NFE -0.008 to -0.012 nats (before: -0.022 to +0.045), the
     samples 2.0-7.9 times closer to the exact solution; with learned models closer to their own ODE
-    solutions at 15 NFE (the digits model 3.9 times), at 20 NFE closer or level. Below 15 steps the short grid with a first-order last step and no corrector (closer to
-    the exact solution at 10 NFE than the linear part; within twice the energy-distance floor). No
-    final denoising (no better). Book: :ref:`sec-fast-dpm-solver`, :ref:`sec-fast-corrector`,
+    solutions at 15 NFE (the digits model 3.9 times), at 20 NFE closer or level. Below 15 steps the
+    short grid with a first-order last step and no corrector (closer to the exact solution at 10 NFE
+    than the linear part; within twice the energy-distance floor). No final denoising (no better). Book: :ref:`sec-fast-dpm-solver`, :ref:`sec-fast-corrector`,
     :ref:`sec-fast-gaussian`.
     """
     if corrector is not None and not isinstance(corrector, bool):
@@ -879,18 +882,23 @@ def dpm_solver_sample(
         if gaussian_std > 0 and not multistep:
             raise ValueError("gaussian_std > 0 needs multistep=True (the single-step form's stages are placed in lambda)")
     default = multistep and order is None  # the default recipe; an explicit order is DPM-Solver++ as published
-    if gaussian_std is None and ts is None:
-        gaussian_std = _GAUSSIAN_STD if default and check_int("n_steps", n_steps) >= _SHORT_GRID else 0.0
+
+    def default_std(n: int) -> float:  # the default recipe's linear part: from _SHORT_GRID steps
+        return _GAUSSIAN_STD if default and n >= _SHORT_GRID else 0.0
+
+    if gaussian_std is None and ts is None:  # the default grid follows the linear part
+        gaussian_std = default_std(check_int("n_steps", n_steps))
     grid = _fast_grid(sde, n_steps, eps, ts, soft_lambda_grid if gaussian_std else _default_lambda_grid)
     if gaussian_std is None:
-        gaussian_std = _GAUSSIAN_STD if default and len(grid) - 1 >= _SHORT_GRID else 0.0
+        gaussian_std = default_std(len(grid) - 1)
     alpha, sigma = _marginals(sde, grid)
     nsr = [s / a for a, s in zip(alpha, sigma)]
     orders = _solver_orders(order, len(grid) - 1, multistep, lower_order_final, nsr)
     if corrector is None:
         corrector = default and len(grid) - 1 >= _CORRECTOR_STEPS
     # The linear part of Gaussian data of std s: the solver's formulas with sigma_t replaced by
-    # sqrt(sigma_t^2 + alpha_t^2 s^2), D then being Tweedie's formula at that noise level (the fast-samplers comment).
+    # sqrt(sigma_t^2 + alpha_t^2 s^2), D then being Tweedie's formula at that noise level (the
+    # fast-samplers comment).
     sigma_lin = [math.hypot(s, a * gaussian_std) for a, s in zip(alpha, sigma)] if gaussian_std > 0 else sigma
     lam = [math.log(a / s) for a, s in zip(alpha, sigma_lin)]
     score = CountedScore(score_fn)

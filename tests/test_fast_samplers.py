@@ -114,8 +114,9 @@ def test_default_grid_range(n_steps, sigma_min, sigma_max):
 
 @pytest.mark.parametrize("sde_name", ["VE", "VP", "subVP"])
 def test_soft_lambda_grid(sde_name):
-    """Uniform in -log sqrt(sigma^2 + c^2) from min(sigma(T), sigma_max) to sigma(eps), first point T:
-    steps of equal length in lambda well above c, the points thinning out below c."""
+    """Uniform in -log sqrt(sigma^2 + c^2) from sigma_max = 80 down to sigma(eps), with the points
+    above 80 (VP, sub-VP) ten times sparser: steps of equal length in lambda well above c, the points
+    thinning out below c."""
     sde = SDES[sde_name]()
     ts = S.soft_lambda_grid(sde, 40, sigma_soft=0.03, dtype=F64)
     assert ts[0] == sde.T and ts[-1] == S._eps(sde, None) and bool((ts.diff() < 0).all())
@@ -225,7 +226,7 @@ def test_gaussian_linear_part_keeps_the_order(references, sde_name):
 def test_default_at_20_steps_is_closer_than_dpm_solver_pp(references, sde_name):
     """The default (linear part of std 0.1, soft grid, corrector) against the same multistep solver
     with ``gaussian_std=0`` on the [0.002, 80] grid (the default before) on the 3-mode mixture at 20 NFE:
-    closer to the exact solution (benchmarks/paired_bias.py, 32000 samples: 2.9, 7.9 and 7.1 times for
+    closer to the exact solution (benchmarks/paired_bias.py, 32000 samples: 2.8, 7.9 and 7.4 times for
     VP, sub-VP, VE)."""
     sde, sf, x_T, ref = references[sde_name]
     err = {}
