@@ -26,7 +26,7 @@ corrector from 20; for VE, whose ``sigma(T) = 50``, the default before from 15 s
 
     python benchmarks/grid_tradeoff.py
 
-About 9 min of one core.
+About 12 min of one core.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ first-order last step.
 ``--sweep``: the default's two numbers instead, the std ``s`` of the linear part (0.05 to 0.5) and
 the soft grid's ``c`` (0.02 to 0.05), at 15, 20 and 25 NFE.
 
-About 4 min of one core (7 with ``--sweep``).
+About 3 min of one core (4 with ``--sweep``).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--n", type=int, default=4000)
-    parser.add_argument("--sweep", action="store_true", help="the default's s and c instead (15, 20, 25 NFE; 7 min)")
+    parser.add_argument("--sweep", action="store_true", help="the default's s and c instead (15, 20, 25 NFE; 4 min)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t_start, cpu_start = time.perf_counter(), time.process_time()

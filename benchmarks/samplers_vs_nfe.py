@@ -18,7 +18,7 @@ the corrector, last step, lower-order final steps, stochastic churn, VE's ``exac
 
     python benchmarks/samplers_vs_nfe.py [--ablation] [--n 4000] [--seeds 8]
 
-About 10 min of one core for the main tables, 25 min for the ablation with 8 seeds (an idle core is faster).
+About 13 min of one core for the main tables, 25 min for the ablation with 8 seeds (an idle core is faster).
 """
 
 from __future__ import annotations
